@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# GPU checks in one command (under 5 minutes on one H100/H200-class card):
+# the scorer benchmark in bf16 and fp32, and a full Flickr30K-sized evaluation
+# (1,000 images x 5,000 captions, paper sizes) on synthetic features.
+#   bash benchmarks/gpu.sh            (expects the package importable: make install, or PYTHONPATH=src)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PY" benchmarks/scorer.py --device cuda --dtype bfloat16 --images 256 --captions 1280 --loop-captions 200
+"$PY" benchmarks/scorer.py --device cuda --dtype float32 --images 256 --captions 1280 --loop-captions 200
+"$PY" benchmarks/eval_memory.py --device cuda --captions 5000

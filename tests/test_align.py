@@ -1,0 +1,135 @@
+"""The alignment against a straightforward per-pair implementation of spec section 2."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hat.align import similarity
+
+LAMBDA = 9.0
+EPS = 1e-8
+
+
+def reference_pair(v: torch.Tensor, t: torch.Tensor, direction: str, lam: float = LAMBDA) -> float:
+    """One image (R, d) against one caption (L, d) of valid tokens only, written from the spec
+    with explicit loops over regions and words."""
+    if direction == "t2i":
+        v, t = t, v  # queries are words, keys are regions
+    queries, keys = v, t
+    n_q, n_k = queries.shape[0], keys.shape[0]
+    s = [[float(queries[q] @ keys[k]) for k in range(n_k)] for q in range(n_q)]
+    a = [[x if x > 0 else 0.1 * x for x in row] for row in s]
+    norms = [math.sqrt(sum(a[q][k] ** 2 for q in range(n_q))) + EPS for k in range(n_k)]
+    total = 0.0
+    for q in range(n_q):
+        logits = [lam * a[q][k] / norms[k] for k in range(n_k)]
+        top = max(logits)
+        weights = [math.exp(x - top) for x in logits]
+        z = sum(weights)
+        context = sum((weights[k] / z) * keys[k] for k in range(n_k))
+        cos = float(queries[q] @ context) / max(
+            float(queries[q].norm()) * float(context.norm()), EPS
+        )
+        total += cos
+    return total / n_q
+
+
+def reference(images, captions, lengths, direction, lam=LAMBDA):
+    return torch.tensor(
+        [
+            [
+                reference_pair(img, cap[: int(n)], direction, lam)
+                for cap, n in zip(captions, lengths)
+            ]
+            for img in images
+        ],
+        dtype=torch.float64,
+    )
+
+
+def _inputs(n=3, r=5, m=4, max_len=6, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, r, d, generator=g, dtype=torch.float64)
+    captions = torch.randn(m, max_len, d, generator=g, dtype=torch.float64)
+    lengths = torch.randint(2, max_len + 1, (m,), generator=g)
+    lengths[0] = max_len
+    for j, length in enumerate(lengths):  # garbage in the padding
+        captions[j, length:] = 1e3 * torch.randn(
+            max_len - length, d, generator=g, dtype=torch.float64
+        )
+    return images, captions, lengths
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_matches_per_pair_reference_float64(direction: str) -> None:
+    images, captions, lengths = _inputs()
+    got = similarity(images, captions, lengths, direction=direction)
+    assert got.dtype == torch.float64 and got.shape == (3, 4)
+    torch.testing.assert_close(
+        got, reference(images, captions, lengths, direction), atol=1e-9, rtol=0
+    )
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_lambda_is_used(direction: str) -> None:
+    images, captions, lengths = _inputs(seed=1)
+    got = similarity(images, captions, lengths, direction=direction, lambda_softmax=2.0)
+    torch.testing.assert_close(
+        got, reference(images, captions, lengths, direction, lam=2.0), atol=1e-9, rtol=0
+    )
+    assert not torch.allclose(got, similarity(images, captions, lengths, direction=direction))
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_blocking_does_not_change_scores(direction: str) -> None:
+    images, captions, lengths = _inputs(n=7, r=5, m=9, seed=2)
+    whole = similarity(images, captions, lengths, direction=direction)
+    tiny_blocks = similarity(images, captions, lengths, direction=direction, block_bytes=1)
+    torch.testing.assert_close(tiny_blocks, whole, atol=1e-12, rtol=0)
+
+
+def test_padding_width_does_not_matter() -> None:
+    images, captions, lengths = _inputs(seed=3)
+    wider = F.pad(captions, (0, 0, 0, 5), value=7.0)
+    torch.testing.assert_close(
+        similarity(images, wider, lengths),
+        similarity(images, captions, lengths),
+        atol=1e-12,
+        rtol=0,
+    )
+
+
+def test_float32_and_half_inputs_follow_float64() -> None:
+    images, captions, lengths = _inputs(seed=4)
+    exact = similarity(images, captions, lengths)
+    f32 = similarity(images.float(), captions.float(), lengths)
+    assert f32.dtype == torch.float32
+    torch.testing.assert_close(f32.double(), exact, atol=1e-5, rtol=0)
+    bf16 = similarity(images.bfloat16(), captions.bfloat16(), lengths)
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16.double(), exact, atol=5e-2, rtol=0)
+
+
+def test_gradients_flow_to_both_sides() -> None:
+    images, captions, lengths = _inputs(seed=5)
+    images.requires_grad_(True)
+    captions.requires_grad_(True)
+    similarity(images, captions, lengths, block_bytes=1).sum().backward()
+    assert images.grad.abs().sum() > 0
+    assert captions.grad[0].abs().sum() > 0
+    short = int(torch.argmin(lengths))
+    assert captions.grad[short, lengths[short] :].abs().sum() == 0  # padding gets no gradient
+
+
+def test_bad_inputs_are_rejected() -> None:
+    images, captions, lengths = _inputs()
+    with pytest.raises(ValueError, match="caption_lengths"):
+        similarity(images, captions, torch.zeros_like(lengths))
+    with pytest.raises(ValueError, match="same d"):
+        similarity(images, captions[..., :3], lengths)
+    with pytest.raises(ValueError, match="direction"):
+        similarity(images, captions, lengths, direction="both")
