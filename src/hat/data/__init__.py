@@ -1,0 +1,33 @@
+"""Data: dataset readers, the built-in scene generator, transforms, tokenisation, datasets."""
+
+from hat.data.datasets import ImageDataset, PairCollator, PairDataset, image_collate
+from hat.data.records import (
+    DataError,
+    ImageRecord,
+    load_records,
+    read_csv,
+    read_jsonl,
+    read_karpathy,
+    select_split,
+)
+from hat.data.synth import generate_scenes
+from hat.data.tokenize import CaptionTokenizer
+from hat.data.transforms import build_transform, load_image
+
+__all__ = [
+    "CaptionTokenizer",
+    "DataError",
+    "ImageDataset",
+    "ImageRecord",
+    "PairCollator",
+    "PairDataset",
+    "build_transform",
+    "generate_scenes",
+    "image_collate",
+    "load_image",
+    "load_records",
+    "read_csv",
+    "read_jsonl",
+    "read_karpathy",
+    "select_split",
+]

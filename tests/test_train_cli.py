@@ -1,0 +1,96 @@
+"""End to end through the CLI entry point: generate scenes, train a tiny preset for one
+epoch, evaluate, resume exactly, export, and two-stage evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hat.checkpoint import load_model, load_training_checkpoint, resolve_model
+from hat.cli import main
+from hat.config import apply_overrides, get_preset
+from hat.data import CaptionTokenizer, generate_scenes, load_records, select_split
+from hat.evaluate import evaluate
+from hat.model import HAT
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("scenes")
+    return generate_scenes(out, n_train=24, n_val=8, n_test=8, image_size=64, seed=1)
+
+
+def _data_args(annotations: Path) -> list[str]:
+    return [
+        f"data.annotations={annotations}",
+        f"data.image_root={annotations.parent}",
+        "data.num_workers=0",
+    ]
+
+
+def _train(run: Path, annotations: Path, *extra: str) -> int:
+    return main(
+        ["train", "--preset", "tiny", "--run", str(run), "--device", "cpu",
+         *_data_args(annotations), *extra]
+    )  # fmt: skip
+
+
+def test_train_evaluate_export(tmp_path: Path, scenes: Path, capsys) -> None:
+    run = tmp_path / "run"
+    assert _train(run, scenes, "train.epochs=1") == 0
+    for name in ("config.yaml", "metrics.jsonl", "checkpoints/latest.pt", "checkpoints/best.pt"):
+        assert (run / name).is_file(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in r for r in records) and any("val_rsum" in r for r in records)
+
+    out_json = tmp_path / "eval.json"
+    status = main(
+        ["evaluate", str(run), "--annotations", str(scenes), "--image-root", str(scenes.parent),
+         "--split", "test", "--num-workers", "0", "--device", "cpu", "--json", str(out_json)]
+    )  # fmt: skip
+    assert status == 0
+    report = json.loads(out_json.read_text())
+    assert report["num_images"] == 8 and report["num_captions"] == 40
+    assert set(report["all"]) == {"hat", "level1", "level2", "level3"}
+    assert "rsum" in capsys.readouterr().out
+
+    model_dir = tmp_path / "model"
+    assert main(["export", str(run), "--out", str(model_dir)]) == 0
+    exported = load_model(model_dir)
+    from_run = resolve_model(run, "best")
+    for a, b in zip(exported.state_dict().values(), from_run.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_resume_is_exact(tmp_path: Path, scenes: Path) -> None:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _train(straight, scenes, "train.epochs=2") == 0
+    assert _train(resumed, scenes, "train.epochs=1") == 0
+    assert main(["train", "--run", str(resumed), "--resume", "train.epochs=2"]) == 0
+    a = load_training_checkpoint(straight / "checkpoints" / "latest.pt")
+    b = load_training_checkpoint(resumed / "checkpoints" / "latest.pt")
+    assert a["state"] == b["state"]
+    for key, value in a["model"].items():
+        torch.testing.assert_close(value, b["model"][key], rtol=0, atol=0, msg=key)
+
+
+def test_two_stage_with_full_shortlist_equals_exhaustive(scenes: Path) -> None:
+    cfg = apply_overrides(get_preset("tiny"), _data_args(scenes))
+    model = HAT(cfg.model).eval()
+    test = select_split(load_records(cfg.data), "test")
+    tokenizer = CaptionTokenizer.from_config(model.config.text)
+    everything = apply_overrides(cfg.retrieval, ["shortlist_k=40", "storage_dtype=float32"])
+    report = evaluate(model, test, tokenizer, torch.device("cpu"), retrieval=everything)
+    assert report.metrics["hat_two_stage"] == pytest.approx(report.metrics["hat"])
+    small = apply_overrides(cfg.retrieval, ["shortlist_k=1", "storage_dtype=float32"])
+    short = evaluate(model, test, tokenizer, torch.device("cpu"), retrieval=small)
+    # With one candidate per query, R@10 can only be as good as the shortlist's R@1.
+    assert short.metrics["hat_two_stage"]["t2i_r10"] <= short.metrics["hat"]["t2i_r10"] + 1e-9
+
+
+def test_bad_override_is_a_clear_cli_error(tmp_path: Path, scenes: Path, capsys) -> None:
+    assert _train(tmp_path / "x", scenes, "train.epochz=1") == 2
+    assert "epochz" in capsys.readouterr().err
