@@ -7,11 +7,11 @@ import dataclasses
 
 import pytest
 import torch
-from hat.losses import triplet_loss
 from transformers import AutoModel
 
 import hat
 from hat.config import LevelConfig, get_preset
+from hat.losses import triplet_loss
 from hat.model import HAT
 
 

@@ -66,6 +66,9 @@ class ImageTowerConfig:
     ``embed_dim``/``depths``/``num_heads``). With ``pretrained``, a model built
     with pretrained weights reads them from ``pretrained_path``, a local timm
     checkpoint (``.safetensors`` or ``.pth``); weights are never downloaded.
+    Training augmentation is RandomResizedCrop with ``train_crop_scale`` and, when
+    ``train_hflip``, a horizontal flip; data whose captions say "left" and "right"
+    (the built-in scenes) must turn the flip off.
     """
 
     backbone: str = "swin_base_patch4_window7_224"
@@ -77,6 +80,8 @@ class ImageTowerConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     eval_resize: int = 256
+    train_crop_scale: tuple[float, float] = (0.08, 1.0)
+    train_hflip: bool = True
 
 
 @dataclass(frozen=True)
@@ -231,6 +236,10 @@ def _tiny_swin(embed_dim: int, depths: tuple[int, ...], heads: tuple[int, ...], 
     return {"embed_dim": embed_dim, "depths": depths, "num_heads": heads, "window_size": window}
 
 
+# The built-in scenes' captions name positions: mild crops and no flip.
+_SCENE_AUGMENTATION = {"train_crop_scale": (0.8, 1.0), "train_hflip": False}
+
+
 def _presets() -> dict[str, ExperimentConfig]:
     paper = ExperimentConfig()
     tiny = ExperimentConfig(
@@ -240,8 +249,9 @@ def _presets() -> dict[str, ExperimentConfig]:
                 backbone="swin_tiny_patch4_window7_224",
                 pretrained=False,
                 image_size=64,
-                eval_resize=72,
+                eval_resize=64,
                 kwargs=_tiny_swin(16, (1, 1, 1, 1), (1, 2, 2, 4), 4),
+                **_SCENE_AUGMENTATION,
             ),
             text=TextTowerConfig(
                 tokenizer_path="minilm", pretrained=False, config=_tiny_bert(3, 32, 2)
@@ -273,9 +283,10 @@ def _presets() -> dict[str, ExperimentConfig]:
             image=ImageTowerConfig(
                 backbone="swin_tiny_patch4_window7_224",
                 pretrained=False,
-                image_size=96,
-                eval_resize=96,
-                kwargs=_tiny_swin(48, (2, 2, 2, 2), (2, 4, 8, 8), 3),
+                image_size=64,
+                eval_resize=64,
+                kwargs=_tiny_swin(32, (2, 2, 2, 2), (1, 2, 4, 8), 4),
+                **_SCENE_AUGMENTATION,
             ),
             text=TextTowerConfig(path="minilm"),
             levels=(
@@ -283,19 +294,20 @@ def _presets() -> dict[str, ExperimentConfig]:
                 LevelConfig(image_stage=3, text_layer=4),
                 LevelConfig(image_stage=4, text_layer=6),
             ),
-            embed_dim=256,
+            embed_dim=128,
+            global_dim=64,
         ),
         train=TrainConfig(
-            epochs=8,
+            epochs=4,
             batch_size=32,
             eval_batch_size=64,
             lr=5e-4,
-            lr_step_epochs=6,
-            global_loss_weight=1.0,
+            lr_step_epochs=3,
             freeze_image_epochs=0,
-            freeze_text_epochs=8,
+            freeze_text_epochs=4,
             amp=False,
             log_every=5,
+            global_loss_weight=1.0,
         ),
     )
     return {"paper": paper, "cpu": cpu, "tiny": tiny}

@@ -20,6 +20,7 @@ from hat.train import Trainer, pick_device
 __all__ = ["DEMO_QUERIES", "run_demo"]
 
 DEMO_QUERIES = 3
+SCENE_SIZE = 96
 TOP_K = 3
 
 
@@ -32,7 +33,7 @@ def run_demo(
     annotations = data_dir / "dataset_synth.json"
     if not annotations.is_file():
         print(f"[1/4] generating scenes in {data_dir}")
-        generate_scenes(data_dir)
+        generate_scenes(data_dir, image_size=SCENE_SIZE)
     else:
         print(f"[1/4] using the scenes in {data_dir}")
     cfg = apply_overrides(

@@ -28,6 +28,7 @@ __all__ = [
     "evaluate",
     "format_report",
     "score_all",
+    "two_stage_metrics",
 ]
 
 METRIC_ORDER = (
@@ -182,7 +183,7 @@ def evaluate(
     named = {"hat": scores.total, **{f"level{k + 1}": s for k, s in enumerate(scores.levels)}}
     metrics = {name: retrieval_metrics(s, captions_per_image) for name, s in named.items()}
     if two is not None:
-        metrics["hat_two_stage"] = _two_stage_metrics(two, captions_per_image)
+        metrics["hat_two_stage"] = two_stage_metrics(two, captions_per_image)
     folded = (
         {name: fold_metrics(s, captions_per_image, folds) for name, s in named.items()}
         if folds > 1
@@ -200,7 +201,9 @@ def _outside_shortlist_last(sims: torch.Tensor, captions_per_image: int) -> torc
     return low.masked_fill(missing & positive, float("-inf"))
 
 
-def _two_stage_metrics(two: TwoStageScores, captions_per_image: int) -> dict[str, float]:
+def two_stage_metrics(two: TwoStageScores, captions_per_image: int) -> dict[str, float]:
+    """Metrics of shortlisted scores: i2t from each image's shortlist, t2i from each
+    caption's; a positive outside its query's shortlist ranks last."""
     cpi = captions_per_image
     i2t = retrieval_metrics(_outside_shortlist_last(two.i2t, cpi), cpi)
     t2i = retrieval_metrics(_outside_shortlist_last(two.t2i, cpi), cpi)

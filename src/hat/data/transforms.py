@@ -14,10 +14,12 @@ __all__ = ["build_transform", "load_image"]
 
 
 def build_transform(cfg: ImageTowerConfig, train: bool) -> T.Compose:
-    """Train: RandomResizedCrop + horizontal flip; eval: Resize + CenterCrop; then
+    """Train: RandomResizedCrop (+ horizontal flip); eval: Resize + CenterCrop; then
     ToTensor and the configured mean/std normalisation."""
     if train:
-        geometry = [T.RandomResizedCrop(cfg.image_size), T.RandomHorizontalFlip()]
+        geometry = [T.RandomResizedCrop(cfg.image_size, scale=cfg.train_crop_scale)]
+        if cfg.train_hflip:
+            geometry.append(T.RandomHorizontalFlip())
     else:
         geometry = [T.Resize(cfg.eval_resize), T.CenterCrop(cfg.image_size)]
     return T.Compose([*geometry, T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])

@@ -1,0 +1,69 @@
+"""Two-stage retrieval (global-embedding shortlist + exact HAT rerank) against exhaustive
+exact scoring, on the demo's test split (run ``make demo`` first).
+
+    .venv/bin/python benchmarks/two_stage.py [--demo runs/demo] [--fractions 0.05 0.1 0.2]
+
+Prints, for exhaustive scoring and for each shortlist size k, R@1/5/10 both ways, the
+number of exact pair scores computed and the wall time of the scoring stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from hat.checkpoint import load_model
+from hat.config import DataConfig, RetrievalConfig
+from hat.data import CaptionTokenizer, load_records, select_split
+from hat.evaluate import (
+    RECALL_KEYS,
+    encode_captions,
+    encode_images,
+    score_all,
+    two_stage_metrics,
+)
+from hat.metrics import retrieval_metrics
+from hat.search import two_stage_similarity
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--demo", default="runs/demo")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    args = parser.parse_args()
+    demo = Path(args.demo)
+    device = torch.device("cpu")
+    model = load_model(demo / "model")
+    data = DataConfig(
+        annotations=str(demo / "data" / "dataset_synth.json"), image_root=str(demo / "data")
+    )
+    test = select_split(load_records(data), "test")
+    captions = [c for r in test for c in r.captions[:5]]
+    tokenizer = CaptionTokenizer.from_config(model.config.text)
+    images = encode_images(model, test, 64, device, progress=False)
+    texts = encode_captions(model, captions, tokenizer, 64, device, progress=False)
+    n, m = len(images), len(texts)
+    start = time.perf_counter()
+    exhaustive = retrieval_metrics(score_all(model.config, images, texts, device).total)
+    rows = [("exhaustive", exhaustive, 2 * n * m, time.perf_counter() - start)]
+    for fraction in args.fractions:
+        k = max(1, round(fraction * min(n, m)))
+        start = time.perf_counter()
+        two = two_stage_similarity(model.config, images, texts, k, device, RetrievalConfig())
+        seconds = time.perf_counter() - start
+        rows.append(
+            (f"k = {k} ({fraction:.0%})", two_stage_metrics(two, 5), two.pairs_scored, seconds)
+        )
+    print(f"{n} test images x {m} captions; pairs counted over both directions")
+    print("| scoring | " + " | ".join(RECALL_KEYS) + " | exact pairs | seconds |")
+    print("|---|" + "---:|" * (len(RECALL_KEYS) + 2))
+    for name, metrics, pairs, seconds in rows:
+        values = " | ".join(f"{metrics[key]:.1f}" for key in RECALL_KEYS)
+        print(f"| {name} | {values} | {pairs:,} | {seconds:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
