@@ -30,16 +30,38 @@ def test_sum_over_all_negatives_by_hand() -> None:
     torch.testing.assert_close(triplet_loss(S, margin=0.2, max_violation=False), torch.tensor(1.1))
 
 
-def test_zero_when_positives_clear_the_margin() -> None:
-    scores = torch.full((4, 4), -1.0) + 3.0 * torch.eye(4)
-    assert triplet_loss(scores) == 0
+@pytest.mark.parametrize("max_violation", [True, False])
+def test_zero_when_positives_clear_the_margin(max_violation: bool) -> None:
+    scores = 0.3 * torch.eye(4)  # every positive beats every negative by 0.3
+    assert triplet_loss(scores, margin=0.2, max_violation=max_violation) == 0
+    assert triplet_loss(scores, margin=0.4, max_violation=max_violation) > 0
 
 
-def test_gradient_and_module() -> None:
+def test_pairs_sharing_an_image_are_still_negatives() -> None:
+    # Two pairs with the same image and equally good captions: every score is 1, so each
+    # of the 4 queries pays the full margin against the other pair.
+    scores = torch.ones(2, 2)
+    torch.testing.assert_close(triplet_loss(scores, margin=0.2), torch.tensor(0.8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_dtype_is_kept(dtype: torch.dtype) -> None:
+    loss = triplet_loss(S.to(dtype))
+    assert loss.dtype == dtype
+    torch.testing.assert_close(
+        loss.double(), torch.tensor(1.0, dtype=torch.float64), atol=2e-3, rtol=0
+    )
+
+
+@pytest.mark.parametrize("max_violation", [True, False])
+def test_gradient_and_module(max_violation: bool) -> None:
     scores = S.clone().requires_grad_(True)
-    TripletLoss(margin=0.2)(scores).backward()
-    assert scores.grad[0, 0] < 0 and scores.grad[0, 1] > 0  # pull positive up, hardest down
-    assert scores.grad[2, 0] == 0  # not a hardest negative of anyone
+    loss_fn = TripletLoss(margin=0.2, max_violation=max_violation)
+    loss_fn(scores).backward()
+    assert scores.grad is not None
+    assert scores.grad[0, 0] < 0 and scores.grad[0, 1] > 0  # pull positive up, negative down
+    assert scores.grad[2, 0] == 0  # violates no margin
+    assert "max_violation" in repr(loss_fn)
     with pytest.raises(ValueError, match="square"):
         triplet_loss(torch.zeros(2, 3))
 

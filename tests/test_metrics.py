@@ -9,19 +9,23 @@ import torch
 from hat.metrics import fold_metrics, ranks_i2t, ranks_t2i, retrieval_metrics
 
 
-def per_query(sims: np.ndarray, cpi: int) -> dict[str, float]:
-    """The protocol written query by query (spec section 5)."""
-    n = sims.shape[0]
+def loop_ranks(sims: np.ndarray, cpi: int) -> tuple[np.ndarray, np.ndarray]:
+    """i2t ``(N,)`` and t2i ``(M,)`` ranks, query by query (spec section 5; no ties expected)."""
     i2t = []
-    for i in range(n):
+    for i in range(sims.shape[0]):
         order = np.argsort(-sims[i], kind="stable")
         i2t.append(min(int(np.where(order == j)[0][0]) for j in range(i * cpi, (i + 1) * cpi)))
     t2i = []
     for j in range(sims.shape[1]):
         order = np.argsort(-sims[:, j], kind="stable")
         t2i.append(int(np.where(order == j // cpi)[0][0]))
+    return np.array(i2t), np.array(t2i)
+
+
+def per_query(sims: np.ndarray, cpi: int) -> dict[str, float]:
+    """The metrics of :func:`loop_ranks`, written out directly."""
     out = {}
-    for name, ranks in (("i2t", np.array(i2t)), ("t2i", np.array(t2i))):
+    for name, ranks in zip(("i2t", "t2i"), loop_ranks(sims, cpi)):
         for k in (1, 5, 10):
             out[f"{name}_r{k}"] = 100.0 * np.mean(ranks < k)
         out[f"{name}_medr"] = np.floor(np.median(ranks)) + 1
@@ -48,10 +52,33 @@ def test_hand_computed_case() -> None:
     assert m["i2t_medr"] == 2.0  # floor(median(0, 2)) + 1 = floor(1) + 1
     assert m["i2t_meanr"] == 2.0 and m["t2i_meanr"] == 1.5 and m["t2i_medr"] == 1.0
     assert m["rsum"] == 50 + 100 + 100 + 50 + 100 + 100
-    assert set(m) == {
+    assert list(m) == [
         "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
         "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr", "rsum",
-    }  # fmt: skip
+    ]  # fmt: skip
+
+
+def test_ties_count_in_the_query_favour() -> None:
+    # Every score equal: nothing is strictly higher than a positive, so all ranks are 0.
+    sims = torch.ones(3, 6)
+    assert ranks_i2t(sims, 2).tolist() == [0, 0, 0]
+    assert ranks_t2i(sims, 2).tolist() == [0] * 6
+    # Ties with the positive are not counted, strictly higher scores are.
+    sims = torch.tensor([[0.5, 0.5, 0.9], [0.5, 0.6, 0.2], [0.0, 0.3, 0.3]])
+    assert ranks_i2t(sims, 1).tolist() == [1, 0, 0]
+    assert ranks_t2i(sims, 1).tolist() == [0, 0, 1]
+    # i2t takes the best positive first: image 0's captions (cols 0, 1) score 0.2 and 0.7,
+    # the 0.7 ties with a negative -> 0; image 1's best (0.5) is beaten by 0.6 only -> 1.
+    sims = torch.tensor([[0.2, 0.7, 0.7, 0.1], [0.6, 0.0, 0.5, 0.4]])
+    assert ranks_i2t(sims, 2).tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 64])
+def test_chunking_does_not_change_ranks(chunk: int) -> None:
+    sims = torch.randn(7, 21)
+    i2t, t2i = loop_ranks(sims.numpy(), 3)
+    assert ranks_i2t(sims, 3, chunk=chunk).tolist() == i2t.tolist()
+    assert ranks_t2i(sims, 3, chunk=chunk).tolist() == t2i.tolist()
 
 
 @pytest.mark.parametrize("cpi", [1, 5])
@@ -72,12 +99,39 @@ def test_fold_averaging() -> None:
     got = fold_metrics(sims, captions_per_image=5, folds=2)
     blocks = [per_query(sims[:5, :25], 5), per_query(sims[5:, 25:], 5)]
     assert got == pytest.approx({k: (blocks[0][k] + blocks[1][k]) / 2 for k in blocks[0]})
+    assert fold_metrics(sims, 5, folds=1) == pytest.approx(retrieval_metrics(sims, 5))
     with pytest.raises(ValueError, match="3 equal folds"):
         fold_metrics(sims, 5, folds=3)
 
 
+def test_fold_averaging_by_hand() -> None:
+    # 4 images x 1 caption, 2 folds. Off-diagonal blocks are huge and must be ignored.
+    sims = torch.tensor(
+        [
+            [0.9, 0.1, 9.0, 9.0],
+            [0.8, 0.2, 9.0, 9.0],  # fold 0: i2t ranks [0, 1], t2i ranks [0, 0]
+            [9.0, 9.0, 0.5, 0.6],
+            [9.0, 9.0, 0.4, 0.5],  # fold 1: i2t ranks [1, 0], t2i ranks [0, 1]
+        ]
+    )
+    m = fold_metrics(sims, captions_per_image=1, folds=2)
+    assert m["i2t_r1"] == 50.0 and m["t2i_r1"] == 75.0  # (50 + 50) / 2, (100 + 50) / 2
+    assert m["i2t_r5"] == m["t2i_r5"] == 100.0
+    assert m["i2t_medr"] == 1.0  # floor(0.5) + 1 in both folds
+    assert m["t2i_meanr"] == 1.25  # (1.0 + 1.5) / 2
+    assert m["rsum"] == 50 + 100 + 100 + 75 + 100 + 100
+
+
 def test_bad_shapes() -> None:
-    with pytest.raises(ValueError, match=r"\(N, N \* 5\)"):
+    with pytest.raises(ValueError, match=r"\(N, N \* 5\) similarity matrix, got \(3, 14\)"):
         retrieval_metrics(torch.zeros(3, 14))
-    with pytest.raises(ValueError, match="got \\(6,\\)"):
+    with pytest.raises(ValueError, match=r"got \(6,\)"):
         retrieval_metrics(torch.zeros(6), captions_per_image=1)
+    with pytest.raises(ValueError, match=r"got \(0, 0\)"):
+        retrieval_metrics(np.zeros((0, 0)))
+    with pytest.raises(ValueError, match=r"got \(4, 10\)"):
+        fold_metrics(np.zeros((4, 10)), captions_per_image=5, folds=2)
+    with pytest.raises(ValueError, match=r"got \(2, 2, 2\)"):
+        ranks_t2i(torch.zeros(2, 2, 2), 1)
+    with pytest.raises(ValueError, match="captions_per_image"):
+        ranks_i2t(torch.zeros(2, 0), 0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from hat.checkpoint import resolve_model
-    from hat.config import DataConfig, apply_overrides
+    from hat.config import DataConfig, RetrievalConfig, apply_overrides
     from hat.data import CaptionTokenizer, load_records, select_split
     from hat.evaluate import evaluate, format_report
     from hat.train import pick_device
@@ -70,9 +71,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     model = resolve_model(args.model, args.which).to(device)
     records = select_split(load_records(data), args.split)
     tokenizer = CaptionTokenizer.from_config(model.config.text)
+    retrieval = RetrievalConfig(shortlist_k=args.shortlist_k, storage_dtype=args.storage_dtype)
     report = evaluate(
         model, records, tokenizer, device, captions_per_image=data.captions_per_image,
         batch_size=args.batch_size, num_workers=data.num_workers, folds=args.folds,
+        retrieval=retrieval,
     )  # fmt: skip
     print(format_report(report))
     if args.json:
@@ -106,7 +109,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``hat`` command."""
-    from hat.config import list_presets
+    from hat.config import RetrievalConfig, list_presets
 
     parser = argparse.ArgumentParser(prog="hat", description="HAT image-text retrieval")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test")
     ev.add_argument("--no-restval", action="store_true", help="keep MSCOCO restval separate")
     ev.add_argument("--folds", type=int, default=0, help="5 for the MSCOCO 1K protocol")
+    ev.add_argument(
+        "--shortlist-k", type=int, default=RetrievalConfig.shortlist_k,
+        help="also report two-stage retrieval: k candidates by global embedding, reranked",
+    )  # fmt: skip
+    ev.add_argument(
+        "--storage-dtype", default=RetrievalConfig.storage_dtype,
+        choices=typing.get_args(typing.get_type_hints(RetrievalConfig)["storage_dtype"]),
+        help="precision of the encoded tokens kept in host memory",
+    )  # fmt: skip
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--num-workers", type=int, default=2)
     ev.add_argument("--json", help="also write the report as JSON here")

@@ -153,7 +153,9 @@ class DataConfig:
     ``format``: ``karpathy`` (Flickr30K / MSCOCO / Flickr8K split JSON), ``jsonl``
     or ``csv`` (custom folder + captions file). For custom data without a
     ``split`` field, images are split by ``split_ratios`` (train, val, test) with
-    ``split_seed``.
+    ``split_seed``. With ``skip_bad``, a malformed entry (image record, line or row)
+    is logged as a warning and left out instead of stopping the run; errors about a
+    whole file (missing, not UTF-8, not JSON, bad header) are always raised.
     """
 
     format: Literal["karpathy", "jsonl", "csv"] = "karpathy"
@@ -297,6 +299,7 @@ def _presets() -> dict[str, ExperimentConfig]:
             embed_dim=128,
             global_dim=64,
         ),
+        data=DataConfig(num_workers=0),  # on 2 cores, loader workers only compete
         train=TrainConfig(
             epochs=4,
             batch_size=32,

@@ -63,10 +63,13 @@ def run_demo(
     texts = encode_captions(model, queries, tokenizer, len(queries), dev, progress=False)
     scores = score_all(model.config, images, texts, dev).total  # (N, Q)
     for q, (query, target) in enumerate(zip(queries, targets)):
-        top = torch.topk(scores[:, q], k=min(TOP_K, len(test)))
-        print(f'\n  "{query}"')
+        column = scores[:, q]  # (N,)
+        top = torch.topk(column, k=min(TOP_K, len(test)))
+        target_index = test.index(target)
+        target_rank = int((column > column[target_index]).sum()) + 1
+        print(f'\n  "{query}"  (written for {target.path.name}, which ranks #{target_rank})')
         for rank, (value, index) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
-            mark = "  <- written for this image" if test[index].image_id == target.image_id else ""
+            mark = "  <- the image it was written for" if index == target_index else ""
             print(f"    {rank + 1}. {test[index].path}  score {value:.3f}{mark}")
     print(f"\nmodel directory: {out / 'model'}   metrics: {out / 'test_metrics.json'}")
     return report.metrics["hat"]

@@ -1,6 +1,7 @@
 """Torch datasets over image records, and their collators.
 
-Shape legend: ``B`` batch, ``L`` tokens.
+Shape legend: ``B`` batch, ``L`` tokens, ``H``/``W`` image height/width. Everything
+here is picklable, for DataLoader workers.
 """
 
 from __future__ import annotations
@@ -61,14 +62,17 @@ class PairCollator:
         images, captions, indices = zip(*items)
         tokens = self.tokenizer(captions)
         return {
-            "images": torch.stack(images),
-            "input_ids": tokens["input_ids"],
-            "attention_mask": tokens["attention_mask"],
-            "image_index": torch.tensor(indices),
+            "images": torch.stack(images),  # (B, 3, H, W)
+            "input_ids": tokens["input_ids"],  # (B, L)
+            "attention_mask": tokens["attention_mask"],  # (B, L)
+            "image_index": torch.tensor(indices, dtype=torch.long),  # (B,)
         }
 
 
 def image_collate(items: list[tuple[Tensor, int]]) -> dict[str, Tensor]:
     """Image items -> ``{"images" (B, 3, H, W), "image_index" (B,)}``."""
     images, indices = zip(*items)
-    return {"images": torch.stack(images), "image_index": torch.tensor(indices)}
+    return {
+        "images": torch.stack(images),  # (B, 3, H, W)
+        "image_index": torch.tensor(indices, dtype=torch.long),  # (B,)
+    }

@@ -2,22 +2,28 @@
 
 Formats: the Karpathy split files of Flickr30K / MSCOCO / Flickr8K (spec section 4),
 and custom data as a folder of images plus a JSONL or CSV captions file. Every bad
-record raises :class:`DataError` naming the file and the entry.
+input raises :class:`DataError` naming the file and the entry (image index, line
+number, field). With ``skip_bad`` a bad entry is logged and left out instead; a bad
+file (missing, not UTF-8, not JSON, wrong header) is always an error.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
+import math
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hat.config import DataConfig
 
 __all__ = [
+    "RESTVAL",
     "SPLITS",
     "DataError",
     "ImageRecord",
@@ -29,6 +35,13 @@ __all__ = [
 ]
 
 SPLITS = ("train", "val", "test")
+RESTVAL = "restval"  # MSCOCO's extra training images in the Karpathy split
+DEFAULT_SPLIT_RATIOS = (0.9, 0.05, 0.05)
+CSV_COLUMNS = ("image", "caption")  # required; "split" is optional
+
+_log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 class DataError(ValueError):
@@ -40,7 +53,7 @@ class ImageRecord:
     """One image and its captions.
 
     Attributes:
-        image_id: stable identifier (Karpathy ``imgid`` / COCO id, or the relative path).
+        image_id: stable identifier (COCO id, Karpathy ``imgid``, or the relative path).
         path: the image file.
         captions: the image's captions, stripped, in file order.
         split: ``train``, ``val``, ``test`` (or ``restval`` when kept apart).
@@ -53,12 +66,36 @@ class ImageRecord:
 
 
 def _read_text(path: Path) -> str:
+    """The file's text; a UTF-8 byte-order mark is dropped."""
     try:
-        return path.read_bytes().decode("utf-8")
+        data = path.read_bytes()
     except FileNotFoundError as err:
         raise DataError(f"{path}: file not found") from err
+    except OSError as err:
+        raise DataError(f"{path}: cannot read: {err}") from err
+    try:
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not valid UTF-8 (byte {err.start})") from err
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not valid UTF-8 (byte {err.start})") from err
+
+
+def _keep_good(entries: Iterable[_T], parse: Callable[[_T], _R], skip_bad: bool) -> list[_R]:
+    """``parse`` each entry; with ``skip_bad`` a :class:`DataError` is logged and skipped."""
+    kept = []
+    for entry in entries:
+        try:
+            kept.append(parse(entry))
+        except DataError as err:
+            if not skip_bad:
+                raise
+            _log.warning("skipping a bad entry: %s", err)
+    return kept
+
+
+def _check_count(captions_per_image: int) -> None:
+    if captions_per_image < 1:
+        raise DataError(f"captions_per_image must be at least 1, got {captions_per_image}")
 
 
 def _clean_caption(value: Any, where: str) -> str:
@@ -70,11 +107,21 @@ def _clean_caption(value: Any, where: str) -> str:
     return text
 
 
+def _string_field(item: dict[str, Any], key: str, where: str) -> str:
+    if key not in item:
+        raise DataError(f'{where}: missing field "{key}"')
+    value = item[key]
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f'{where}: "{key}" must be a non-empty string, got {value!r}')
+    return value.strip()
+
+
 def read_karpathy(
     json_path: str | Path,
     image_root: str | Path,
     use_restval: bool = True,
     captions_per_image: int = 5,
+    skip_bad: bool = False,
 ) -> list[ImageRecord]:
     """Read a Karpathy split file (``dataset_{flickr30k,coco,flickr8k}.json``).
 
@@ -84,171 +131,262 @@ def read_karpathy(
     with fewer is an error.
     """
     json_path, root = Path(json_path), Path(image_root)
+    _check_count(captions_per_image)
     try:
         data = json.loads(_read_text(json_path))
     except json.JSONDecodeError as err:
         raise DataError(f"{json_path}: invalid JSON at line {err.lineno}: {err.msg}") from err
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f'{json_path}: expected an object with an "images" list')
-    records = []
-    for index, image in enumerate(data["images"]):
+
+    def parse(entry: tuple[int, Any]) -> ImageRecord:
+        index, image = entry
         where = f"{json_path}: images[{index}]"
         if not isinstance(image, dict):
-            raise DataError(f"{where}: expected an object")
-        for key in ("filename", "split", "sentences"):
-            if key not in image:
-                raise DataError(f'{where}: missing field "{key}"')
-        if not isinstance(image["sentences"], list):
-            raise DataError(f'{where}: "sentences" must be a list')
-        sentences = image["sentences"][:captions_per_image]
+            raise DataError(f"{where}: expected an object, got {type(image).__name__}")
+        filename = _string_field(image, "filename", where)
+        split = _string_field(image, "split", where)
+        if split not in (*SPLITS, RESTVAL):
+            raise DataError(f'{where}: unknown split "{split}"; expected {[*SPLITS, RESTVAL]}')
+        folder = root
+        if "filepath" in image:
+            folder = root / _string_field(image, "filepath", where)
+        sentences = image.get("sentences")
+        if not isinstance(sentences, list):
+            raise DataError(f'{where} ({filename}): "sentences" must be a list')
         if len(sentences) < captions_per_image:
             raise DataError(
-                f"{where} ({image['filename']}): {len(image['sentences'])} captions, "
-                f"need {captions_per_image}"
+                f"{where} ({filename}): {len(sentences)} captions, need {captions_per_image}"
             )
         captions = []
-        for j, sentence in enumerate(sentences):
+        for j, sentence in enumerate(sentences[:captions_per_image]):
+            at = f"{where}.sentences[{j}]"
             if not isinstance(sentence, dict) or "raw" not in sentence:
-                raise DataError(f'{where}.sentences[{j}]: missing field "raw"')
-            captions.append(_clean_caption(sentence["raw"], f"{where}.sentences[{j}]"))
-        split = image["split"]
-        if split == "restval" and use_restval:
+                raise DataError(f'{at}: missing field "raw"')
+            captions.append(_clean_caption(sentence["raw"], at))
+        if split == RESTVAL and use_restval:
             split = "train"
-        folder = root / image["filepath"] if image.get("filepath") else root
         image_id = str(image.get("cocoid", image.get("imgid", index)))
-        records.append(ImageRecord(image_id, folder / image["filename"], tuple(captions), split))
-    return records
+        return ImageRecord(image_id, folder / filename, tuple(captions), split)
+
+    return _keep_good(enumerate(data["images"]), parse, skip_bad)
 
 
-def _group_custom(
-    rows: Iterable[tuple[str, list[str], str | None, str]],
-    root: Path,
-    captions_per_image: int,
-    split_ratios: tuple[float, float, float],
-    split_seed: int,
-) -> list[ImageRecord]:
-    """Group (image, captions, split, where) rows by image, then split when no row says so."""
-    captions: dict[str, list[str]] = {}
-    splits: dict[str, str | None] = {}
-    for image, caps, split, where in rows:
-        if image in splits and splits[image] != split:
-            raise DataError(f"{where}: image {image} has split {split!r} and {splits[image]!r}")
-        splits[image] = split
-        captions.setdefault(image, []).extend(caps)
-    named = [s for s in splits.values() if s is not None]
-    if named and len(named) != len(splits):
-        raise DataError("either every image has a split field or none has")
-    if not named:
-        splits = _seeded_split(list(captions), split_ratios, split_seed)
-    return [
-        ImageRecord(image, root / image, tuple(caps[:captions_per_image]), str(splits[image]))
-        for image, caps in captions.items()
-    ]
+@dataclass(frozen=True)
+class _Row:
+    """Captions of one image from one line of a custom captions file."""
 
-
-def _seeded_split(
-    images: list[str], ratios: tuple[float, float, float], seed: int
-) -> dict[str, str | None]:
-    if any(r < 0 for r in ratios) or sum(ratios) <= 0:
-        raise DataError(f"split ratios must be non-negative with a positive sum, got {ratios}")
-    order = sorted(images)
-    random.Random(seed).shuffle(order)
-    total = sum(ratios)
-    n_train = round(len(order) * ratios[0] / total)
-    n_val = round(len(order) * ratios[1] / total)
-    out: dict[str, str | None] = {}
-    for i, image in enumerate(order):
-        out[image] = "train" if i < n_train else "val" if i < n_train + n_val else "test"
-    return out
+    image: str  # relative path, POSIX form
+    captions: list[str]
+    split: str | None
+    where: str
 
 
 def _relative_image(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise DataError(f'{where}: "image" must be a non-empty relative path')
+        raise DataError(f'{where}: "image" must be a non-empty relative path, got {value!r}')
     path = Path(value.strip())
     if path.is_absolute() or ".." in path.parts:
         raise DataError(f"{where}: image path {value!r} must be relative to the image root")
     return path.as_posix()
 
 
+def _optional_split(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f'{where}: "split" must be a non-empty string, got {value!r}')
+    return value.strip()
+
+
+def _seeded_split(
+    images: list[str], ratios: tuple[float, float, float], seed: int
+) -> dict[str, str]:
+    """Assign images to train/val/test by ``ratios``, shuffled with ``seed``.
+
+    Independent of file order. Every split with a positive ratio gets an image when
+    there are enough images.
+    """
+    if len(ratios) != len(SPLITS) or any(r < 0 for r in ratios) or sum(ratios) <= 0:
+        raise DataError(
+            f"data.split_ratios must be {len(SPLITS)} non-negative numbers with a positive "
+            f"sum, got {ratios}"
+        )
+    n, total = len(images), sum(ratios)
+    exact = [n * r / total for r in ratios]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(SPLITS)), key=lambda i: counts[i] - exact[i])
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    for i, ratio in enumerate(ratios):
+        donor = max(range(len(SPLITS)), key=lambda j: counts[j])
+        if ratio > 0 and counts[i] == 0 and counts[donor] > 1:
+            counts[donor] -= 1
+            counts[i] += 1
+    order = sorted(images)
+    random.Random(seed).shuffle(order)
+    labels = [split for split, count in zip(SPLITS, counts) for _ in range(count)]
+    return dict(zip(order, labels))
+
+
+def _group_rows(
+    path: Path,
+    rows: Iterable[_Row],
+    root: Path,
+    captions_per_image: int,
+    split_ratios: tuple[float, float, float],
+    split_seed: int,
+    skip_bad: bool,
+) -> list[ImageRecord]:
+    """Group rows by image (first-appearance order), then split when no row says so."""
+    captions: dict[str, list[str]] = {}
+    splits: dict[str, str | None] = {}
+
+    def add(row: _Row) -> None:
+        if row.image in splits and splits[row.image] != row.split:
+            raise DataError(
+                f"{row.where}: image {row.image} has split {row.split!r} here "
+                f"but {splits[row.image]!r} before"
+            )
+        splits[row.image] = row.split
+        captions.setdefault(row.image, []).extend(row.captions)
+
+    _keep_good(rows, add, skip_bad)  # a row contradicting an earlier split is bad
+    if not captions:
+        raise DataError(f"{path}: no captions")
+    named = sum(split is not None for split in splits.values())
+    if 0 < named < len(splits):
+        raise DataError(
+            f"{path}: {named} of {len(splits)} images have a split; either all or none must"
+        )
+    final = splits if named else _seeded_split(list(captions), split_ratios, split_seed)
+    return [
+        ImageRecord(image, root / image, tuple(caps[:captions_per_image]), str(final[image]))
+        for image, caps in captions.items()
+    ]
+
+
 def read_jsonl(
     path: str | Path,
     image_root: str | Path,
     captions_per_image: int = 5,
-    split_ratios: tuple[float, float, float] = (0.9, 0.05, 0.05),
+    split_ratios: tuple[float, float, float] = DEFAULT_SPLIT_RATIOS,
     split_seed: int = 0,
+    skip_bad: bool = False,
 ) -> list[ImageRecord]:
-    """Read ``{"image": "rel/path.jpg", "captions": [...], "split": optional}`` lines."""
+    """Read ``{"image": "rel/path.jpg", "captions": [...], "split": optional}`` lines.
+
+    Lines of the same image are merged; at most ``captions_per_image`` captions are
+    kept per image. Without ``split`` fields, images are split by ``split_ratios``.
+    """
     path = Path(path)
+    _check_count(captions_per_image)
+    lines = [
+        (number, line)
+        for number, line in enumerate(_read_text(path).splitlines(), start=1)
+        if line.strip()
+    ]
 
-    def rows():
-        for number, line in enumerate(_read_text(path).splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}: line {number}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: invalid JSON: {err.msg}") from err
-            if not isinstance(item, dict):
-                raise DataError(f"{where}: expected an object")
-            image = _relative_image(item.get("image"), where)
-            caps = item.get("captions")
-            if not isinstance(caps, list) or not caps:
-                raise DataError(f'{where}: "captions" must be a non-empty list')
-            cleaned = [_clean_caption(c, f"{where} captions[{i}]") for i, c in enumerate(caps)]
-            split = item.get("split")
-            if split is not None and not isinstance(split, str):
-                raise DataError(f'{where}: "split" must be a string')
-            yield image, cleaned, split, where
+    def parse(entry: tuple[int, str]) -> _Row:
+        number, line = entry
+        where = f"{path}: line {number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: invalid JSON: {err.msg}") from err
+        if not isinstance(item, dict):
+            raise DataError(f"{where}: expected an object, got {type(item).__name__}")
+        image = _relative_image(item.get("image"), where)
+        caps = item.get("captions")
+        if not isinstance(caps, list) or not caps:
+            raise DataError(f'{where}: "captions" must be a non-empty list, got {caps!r}')
+        cleaned = [_clean_caption(c, f"{where}: captions[{i}]") for i, c in enumerate(caps)]
+        return _Row(image, cleaned, _optional_split(item.get("split"), where), where)
 
-    return _group_custom(rows(), Path(image_root), captions_per_image, split_ratios, split_seed)
+    rows = _keep_good(lines, parse, skip_bad)
+    return _group_rows(
+        path, rows, Path(image_root), captions_per_image, split_ratios, split_seed, skip_bad
+    )
 
 
 def read_csv(
     path: str | Path,
     image_root: str | Path,
     captions_per_image: int = 5,
-    split_ratios: tuple[float, float, float] = (0.9, 0.05, 0.05),
+    split_ratios: tuple[float, float, float] = DEFAULT_SPLIT_RATIOS,
     split_seed: int = 0,
+    skip_bad: bool = False,
 ) -> list[ImageRecord]:
-    """Read a CSV with header ``image,caption[,split]``, one row per caption."""
+    """Read a CSV with header ``image,caption[,split]``, one row per caption.
+
+    Rows of the same image are grouped in file order; at most ``captions_per_image``
+    captions are kept per image. Without a ``split`` column (or with it empty
+    everywhere), images are split by ``split_ratios``.
+    """
     path = Path(path)
-    reader = csv.DictReader(_read_text(path).splitlines())
-    fields = reader.fieldnames or []
-    missing = [f for f in ("image", "caption") if f not in fields]
+    _check_count(captions_per_image)
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    try:
+        fields = [f.strip() for f in reader.fieldnames or []]
+    except csv.Error as err:
+        raise DataError(f"{path}: line 1: malformed CSV header: {err}") from err
+    missing = [c for c in CSV_COLUMNS if c not in fields]
     if missing:
-        raise DataError(f"{path}: header must name image,caption[,split]; missing {missing}")
+        raise DataError(f"{path}: header must be image,caption[,split]; missing {missing}")
+    reader.fieldnames = fields
 
-    def rows():
-        for number, row in enumerate(reader, start=2):
-            where = f"{path}: line {number}"
-            if None in row or any(v is None for v in row.values()):
-                raise DataError(f"{where}: expected {len(fields)} columns")
-            image = _relative_image(row["image"], where)
-            caption = _clean_caption(row["caption"], where)
-            split = row.get("split") or None
-            yield image, [caption], split, where
+    def numbered_rows() -> Iterator[tuple[int, dict[str, Any]]]:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                raise DataError(f"{path}: line {reader.line_num}: malformed CSV: {err}") from err
+            yield reader.line_num, row
 
-    return _group_custom(rows(), Path(image_root), captions_per_image, split_ratios, split_seed)
+    def parse(entry: tuple[int, dict[str, Any]]) -> _Row:
+        number, row = entry
+        where = f"{path}: line {number}"
+        if None in row or any(v is None for v in row.values()):
+            raise DataError(f"{where}: expected {len(fields)} columns")
+        image = _relative_image(row["image"], where)
+        caption = _clean_caption(row["caption"], where)
+        split = (row.get("split") or "").strip() or None
+        return _Row(image, [caption], split, where)
+
+    rows = _keep_good(numbered_rows(), parse, skip_bad)
+    return _group_rows(
+        path, rows, Path(image_root), captions_per_image, split_ratios, split_seed, skip_bad
+    )
 
 
 def load_records(cfg: DataConfig) -> list[ImageRecord]:
-    """Every record of the dataset ``cfg`` describes, all splits."""
+    """Every record of the dataset ``cfg`` describes, all splits, in file order."""
     if not cfg.annotations or not cfg.image_root:
         raise DataError("data.annotations and data.image_root must both be set")
     if cfg.format == "karpathy":
         return read_karpathy(
-            cfg.annotations, cfg.image_root, cfg.use_restval, cfg.captions_per_image
+            cfg.annotations,
+            cfg.image_root,
+            use_restval=cfg.use_restval,
+            captions_per_image=cfg.captions_per_image,
+            skip_bad=cfg.skip_bad,
         )
     reader = read_jsonl if cfg.format == "jsonl" else read_csv
     return reader(
-        cfg.annotations, cfg.image_root, cfg.captions_per_image, cfg.split_ratios, cfg.split_seed
+        cfg.annotations,
+        cfg.image_root,
+        captions_per_image=cfg.captions_per_image,
+        split_ratios=cfg.split_ratios,
+        split_seed=cfg.split_seed,
+        skip_bad=cfg.skip_bad,
     )
 
 
-def select_split(records: list[ImageRecord], split: str) -> list[ImageRecord]:
-    """The records of one split; an empty split is an error."""
+def select_split(records: Iterable[ImageRecord], split: str) -> list[ImageRecord]:
+    """The records of one split, in order; an empty split is an error."""
+    records = list(records)
     chosen = [r for r in records if r.split == split]
     if not chosen:
         present = sorted({r.split for r in records})

@@ -1,10 +1,14 @@
-"""The built-in captioned scenes: coloured shapes on a background, 5 captions each.
+"""The built-in captioned scenes: coloured shapes on a plain background, 5 captions each.
 
 Scenes come in groups of three that share one split: a base scene, the same
-objects with two of them swapped in place, and the same layout with two objects'
-colours swapped. Their captions differ only in word order and attribute binding,
-so retrieving the right one needs region-word alignment, not a bag of words.
-Output: ``OUT/images/*.png`` and ``OUT/dataset_synth.json`` in the Karpathy format.
+objects with the first two swapped in place, and the same layout with those two
+objects' colours swapped. Every caption names both swapped objects with their
+colours and either their relation or their places, so a sibling's captions use
+the same words in another order or binding: retrieving the right scene needs
+word order and attribute binding, not a bag of words.
+
+Output: ``OUT/images/*.png`` and ``OUT/dataset_synth.json`` in the Karpathy format
+(spec section 4; ``filepath`` is ``images``, so the image root is ``OUT``).
 """
 
 from __future__ import annotations
@@ -12,12 +16,25 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-__all__ = ["COLORS", "SHAPES", "Scene", "SceneObject", "generate_scenes", "scene_captions"]
+__all__ = [
+    "BACKGROUNDS",
+    "CAPTIONS_PER_IMAGE",
+    "COLORS",
+    "SHAPES",
+    "Scene",
+    "SceneObject",
+    "generate_scenes",
+    "random_scene",
+    "scene_captions",
+    "siblings",
+]
 
 COLORS = {
     "red": (220, 40, 40),
@@ -30,35 +47,58 @@ COLORS = {
     "black": (20, 20, 20),
 }
 BACKGROUNDS = {"gray": (128, 128, 128), "brown": (125, 90, 60), "teal": (40, 120, 120)}
-SHAPES = ("circle", "square", "triangle", "star", "diamond")
-SIZES = {"small": 0.11, "large": 0.16}  # radius as a fraction of the image side
-GRID = 3  # objects sit in distinct cells of a GRID x GRID layout
+SHAPES = {  # shape -> the words that name it, the first one preferred
+    "circle": ("circle", "disk"),
+    "square": ("square", "box"),
+    "triangle": ("triangle",),
+    "star": ("star",),
+    "diamond": ("diamond", "rhombus"),
+}
+SIZES = {"small": 0.09, "large": 0.13}  # radius as a fraction of the image side
+OBJECT_COUNTS = (2, 3)
+COUNT_WORDS = {2: "two", 3: "three"}
+CELL_CENTERS = (0.2, 0.5, 0.8)  # row / column centres of the 3 x 3 layout, fraction of side
+JITTER = 0.02  # random offset of an object around its cell centre, fraction of the side
 CELL_NAMES = {
     (0, 0): "top left", (0, 1): "top", (0, 2): "top right",
     (1, 0): "left", (1, 1): "center", (1, 2): "right",
     (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right",
 }  # fmt: skip
+RELATIONS = {
+    "left": ("to the left of", "left of"),
+    "right": ("to the right of", "right of"),
+    "above": ("above", "over"),
+    "below": ("below", "under", "beneath"),
+}
+SIZE_WORD_RATE = 0.5  # how often a mention names the object's size
+SYNONYM_RATE = 0.25  # how often a mention uses another word for the shape
 CAPTIONS_PER_IMAGE = 5
-GROUP = 3  # base, positions swapped, colours swapped
-JITTER = 0.06  # random offset of an object inside its cell, fraction of the side
+SQUARE_HALF_SIDE = 0.85  # a square's half side relative to the radius (similar area)
+TRIANGLE_BASE = 0.8  # the triangle's base below the centre, relative to the radius
+STAR_POINTS = 5
+STAR_INNER = 0.45  # a star's inner radius relative to the outer one
+MIN_IMAGE_SIZE = 32
+DATASET_FILE = "dataset_synth.json"
+IMAGE_FOLDER = "images"
 
 
 @dataclass(frozen=True)
 class SceneObject:
+    """One drawn shape: colour, shape, size and its cell ``(row, column)``."""
+
     color: str
     shape: str
     size: str
-    cell: tuple[int, int]  # (row, column)
+    cell: tuple[int, int]
 
 
 @dataclass(frozen=True)
 class Scene:
+    """A background colour and 2-3 objects in distinct cells; the first two are swapped
+    between siblings."""
+
     background: str
     objects: tuple[SceneObject, ...]
-
-
-def _phrase(obj: SceneObject, with_size: bool) -> str:
-    return f"{obj.size} {obj.color} {obj.shape}" if with_size else f"{obj.color} {obj.shape}"
 
 
 def _a(phrase: str) -> str:
@@ -67,85 +107,160 @@ def _a(phrase: str) -> str:
 
 
 def _relation(a: SceneObject, b: SceneObject, rng: random.Random) -> str:
-    """How ``a`` lies relative to ``b``."""
+    """How ``a`` lies relative to ``b`` (horizontally or vertically, when both apply)."""
     options = []
     if a.cell[1] != b.cell[1]:
-        options.append(rng.choice(["to the left of", "left of"]) if a.cell[1] < b.cell[1]
-                       else rng.choice(["to the right of", "right of"]))  # fmt: skip
+        options.append(RELATIONS["left" if a.cell[1] < b.cell[1] else "right"])
     if a.cell[0] != b.cell[0]:
-        options.append(rng.choice(["above", "over"]) if a.cell[0] < b.cell[0]
-                       else rng.choice(["below", "under"]))  # fmt: skip
-    return rng.choice(options)
+        options.append(RELATIONS["above" if a.cell[0] < b.cell[0] else "below"])
+    return rng.choice(rng.choice(options))
+
+
+class _Words:
+    """Random surface forms for one caption: size named or not, shape synonyms."""
+
+    def __init__(self, scene: Scene, rng: random.Random) -> None:
+        self.scene = scene
+        self.rng = rng
+
+    def roll(self, rate: float) -> bool:
+        return self.rng.random() < rate
+
+    def noun(self, obj: SceneObject) -> str:
+        main, *others = SHAPES[obj.shape]
+        return self.rng.choice(others) if others and self.roll(SYNONYM_RATE) else main
+
+    def phrase(self, obj: SceneObject) -> str:
+        """``[size] colour shape``, e.g. ``small red circle``."""
+        size = f"{obj.size} " if self.roll(SIZE_WORD_RATE) else ""
+        return f"{size}{obj.color} {self.noun(obj)}"
+
+    def a(self, obj: SceneObject) -> str:
+        return _a(self.phrase(obj))
+
+    def rel(self, a: SceneObject, b: SceneObject) -> str:
+        return _relation(a, b, self.rng)
+
+
+def _t_plain(w: _Words, a: SceneObject, b: SceneObject) -> str:
+    return f"{w.a(a)} {w.rel(a, b)} {w.a(b)}"
+
+
+def _t_there_is(w: _Words, a: SceneObject, b: SceneObject) -> str:
+    return f"there is {w.a(a)} {w.rel(a, b)} {w.a(b)} on {_a(w.scene.background)} background"
+
+
+def _t_reversed(w: _Words, a: SceneObject, b: SceneObject) -> str:
+    return f"{w.a(b)} {w.rel(b, a)} {w.a(a)}"
+
+
+def _t_definite(w: _Words, a: SceneObject, b: SceneObject) -> str:
+    return f"the {w.phrase(a)} is {w.rel(a, b)} the {w.phrase(b)}"
+
+
+def _t_reversed_is(w: _Words, a: SceneObject, b: SceneObject) -> str:
+    return f"{w.a(b)} is {w.rel(b, a)} {w.a(a)}"
+
+
+def _t_places(w: _Words, a: SceneObject, b: SceneObject) -> str:
+    objects = list(w.scene.objects)
+    w.rng.shuffle(objects)
+    return " and ".join(f"{w.a(o)} at the {CELL_NAMES[o.cell]}" for o in objects)
+
+
+def _t_count(w: _Words, a: SceneObject, b: SceneObject) -> str:
+    count = COUNT_WORDS[len(w.scene.objects)]
+    return (
+        f"{count} shapes on {_a(w.scene.background)} background with "
+        f"{w.a(a)} {w.rel(a, b)} {w.a(b)}"
+    )
+
+
+def _t_colour_ones(w: _Words, a: SceneObject, b: SceneObject) -> str:
+    return f"{w.a(a)} and {w.a(b)} with the {a.color} one {w.rel(a, b)} the {b.color} one"
+
+
+def _t_third(w: _Words, a: SceneObject, b: SceneObject) -> str:
+    c = w.scene.objects[2]
+    return f"{w.a(c)} {w.rel(c, a)} {w.a(a)} which is {w.rel(a, b)} {w.a(b)}"
+
+
+_Template = Callable[[_Words, SceneObject, SceneObject], str]
+TEMPLATES: tuple[_Template, ...] = (
+    _t_plain, _t_there_is, _t_reversed, _t_definite, _t_reversed_is, _t_places, _t_count,
+    _t_colour_ones,
+)  # fmt: skip
+THREE_OBJECT_TEMPLATES: tuple[_Template, ...] = (_t_third,)
 
 
 def scene_captions(scene: Scene, rng: random.Random) -> list[str]:
-    """Five different captions naming the objects, their attributes and relations."""
-    objs = scene.objects
-    a, b = objs[0], objs[1]
-    last = objs[-1]
-    article = rng.choice(["a", "the"])
-    captions = [
-        f"a {_phrase(a, True)} {_relation(a, b, rng)} a {_phrase(b, True)}",
-        f"there is a {_phrase(b, False)} {_relation(b, a, rng)} a {_phrase(a, False)}",
-        " and ".join(
-            f"a {_phrase(o, rng.random() < 0.5)} at the {CELL_NAMES[o.cell]}" for o in objs
-        ),
-        f"{len(objs)} shapes on a {scene.background} background with {article} "
-        f"{_phrase(a, False)} {_relation(a, last, rng)} {article} {_phrase(last, False)}",
-        f"the {_phrase(last, True)} is {_relation(last, a, rng)} the {_phrase(a, True)}",
-    ]
-    if len(set(captions)) != len(captions):  # cannot happen with the templates above
-        raise AssertionError(f"duplicate captions for {scene}")
-    return captions
+    """``CAPTIONS_PER_IMAGE`` different captions from distinct templates, each naming the
+    two swapped objects with their colours and their relation or places."""
+    pool = TEMPLATES + (THREE_OBJECT_TEMPLATES if len(scene.objects) > 2 else ())
+    a, b = scene.objects[:2]
+    words = _Words(scene, rng)
+    return [template(words, a, b) for template in rng.sample(pool, CAPTIONS_PER_IMAGE)]
 
 
-def _random_scene(rng: random.Random) -> Scene:
-    count = rng.choice([2, 3])
+def random_scene(rng: random.Random) -> Scene:
+    """2-3 objects of distinct colours in distinct cells; the first two differ in shape or
+    size, so swapping their places never equals swapping their colours."""
+    count = rng.choice(OBJECT_COUNTS)
     cells = rng.sample(sorted(CELL_NAMES), count)
     colors = rng.sample(sorted(COLORS), count)
+    looks: list[tuple[str, str]] = []
+    while len(looks) < count:
+        look = (rng.choice(sorted(SHAPES)), rng.choice(sorted(SIZES)))
+        if len(looks) != 1 or look != looks[0]:
+            looks.append(look)
     objects = tuple(
-        SceneObject(colors[i], rng.choice(SHAPES), rng.choice(sorted(SIZES)), cells[i])
-        for i in range(count)
+        SceneObject(color, shape, size, cell)
+        for color, (shape, size), cell in zip(colors, looks, cells)
     )
     return Scene(rng.choice(sorted(BACKGROUNDS)), objects)
 
 
-def _siblings(scene: Scene) -> list[Scene]:
-    """The base scene, the first two objects swapped in place, and their colours swapped."""
+def siblings(scene: Scene) -> list[Scene]:
+    """The scene, its first two objects swapped in place, and their colours swapped."""
     a, b, *rest = scene.objects
     moved = (replace(a, cell=b.cell), replace(b, cell=a.cell), *rest)
     recoloured = (replace(a, color=b.color), replace(b, color=a.color), *rest)
     return [scene, replace(scene, objects=moved), replace(scene, objects=recoloured)]
 
 
+def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    """Polygon vertices of a non-circle shape of radius ``r`` centred at ``(cx, cy)``."""
+    if shape == "square":
+        s = r * SQUARE_HALF_SIDE
+        return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
+    if shape == "triangle":
+        base = cy + r * TRIANGLE_BASE
+        return [(cx, cy - r), (cx + r, base), (cx - r, base)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
+    # star: points alternating between the outer and the inner radius
+    radii = [r if k % 2 == 0 else r * STAR_INNER for k in range(2 * STAR_POINTS)]
+    step = math.pi / STAR_POINTS
+    return [(cx + q * math.sin(k * step), cy - q * math.cos(k * step)) for k, q in enumerate(radii)]
+
+
 def _draw(scene: Scene, size: int, rng: random.Random) -> Image.Image:
     image = Image.new("RGB", (size, size), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
-    cell = size / GRID
     for obj in scene.objects:
-        cx = (obj.cell[1] + 0.5) * cell + rng.uniform(-JITTER, JITTER) * size
-        cy = (obj.cell[0] + 0.5) * cell + rng.uniform(-JITTER, JITTER) * size
+        cx = (CELL_CENTERS[obj.cell[1]] + rng.uniform(-JITTER, JITTER)) * size
+        cy = (CELL_CENTERS[obj.cell[0]] + rng.uniform(-JITTER, JITTER)) * size
         r = SIZES[obj.size] * size
         fill = COLORS[obj.color]
         if obj.shape == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif obj.shape == "square":
-            side = r * 0.85
-            draw.rectangle([cx - side, cy - side, cx + side, cy + side], fill=fill)
-        elif obj.shape == "triangle":
-            draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
-        elif obj.shape == "diamond":
-            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
-        else:  # star: ten points alternating outer and inner radius
-            points = [
-                (
-                    cx + (r if k % 2 == 0 else r * 0.45) * math.sin(k * math.pi / 5),
-                    cy - (r if k % 2 == 0 else r * 0.45) * math.cos(k * math.pi / 5),
-                )
-                for k in range(10)
-            ]
-            draw.polygon(points, fill=fill)
+        else:
+            draw.polygon(_outline(obj.shape, cx, cy, r), fill=fill)
     return image
+
+
+def _tokens(raw: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", raw.lower())
 
 
 def generate_scenes(
@@ -158,30 +273,36 @@ def generate_scenes(
 ) -> Path:
     """Write the scenes and ``dataset_synth.json`` (Karpathy format) under ``out_dir``.
 
-    Deterministic: the same arguments give byte-identical files. Returns the JSON path.
+    Sibling groups of three are drawn within one split (the last group of a split may
+    be cut short). Deterministic: the same arguments give byte-identical files.
+    Returns the JSON path.
     """
+    if min(n_train, n_val, n_test) < 0:
+        raise ValueError(f"scene counts must be non-negative, got {(n_train, n_val, n_test)}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / IMAGE_FOLDER).mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    images = []
+    images: list[dict] = []
     sentid = 0
     for split, count in (("train", n_train), ("val", n_val), ("test", n_test)):
         scenes: list[Scene] = []
         while len(scenes) < count:
-            scenes.extend(_siblings(_random_scene(rng)))
+            scenes.extend(siblings(random_scene(rng)))
         for scene in scenes[:count]:
             imgid = len(images)
             filename = f"{imgid:06d}.png"
-            _draw(scene, image_size, rng).save(out / "images" / filename, optimize=False)
+            _draw(scene, image_size, rng).save(out / IMAGE_FOLDER / filename)
             sentences = []
             for raw in scene_captions(scene, rng):
                 sentences.append(
-                    {"raw": raw, "tokens": raw.split(), "imgid": imgid, "sentid": sentid}
+                    {"raw": raw, "tokens": _tokens(raw), "imgid": imgid, "sentid": sentid}
                 )
                 sentid += 1
             images.append(
                 {
-                    "filepath": "images",
+                    "filepath": IMAGE_FOLDER,
                     "filename": filename,
                     "imgid": imgid,
                     "split": split,
@@ -189,6 +310,6 @@ def generate_scenes(
                     "sentences": sentences,
                 }
             )
-    path = out / "dataset_synth.json"
+    path = out / DATASET_FILE
     path.write_text(json.dumps({"dataset": "synth", "images": images}, indent=1) + "\n")
     return path

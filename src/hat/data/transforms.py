@@ -13,24 +13,27 @@ from hat.data.records import DataError
 __all__ = ["build_transform", "load_image"]
 
 
-def build_transform(cfg: ImageTowerConfig, train: bool) -> T.Compose:
-    """Train: RandomResizedCrop (+ horizontal flip); eval: Resize + CenterCrop; then
-    ToTensor and the configured mean/std normalisation."""
+def build_transform(image_cfg: ImageTowerConfig, train: bool) -> T.Compose:
+    """PIL image -> normalised tensor ``(3, image_size, image_size)``.
+
+    Train: RandomResizedCrop (scale ``train_crop_scale``) and, when ``train_hflip``,
+    a horizontal flip; eval: Resize(``eval_resize``) + CenterCrop. Then ToTensor and
+    the configured mean/std normalisation.
+    """
     if train:
-        geometry = [T.RandomResizedCrop(cfg.image_size, scale=cfg.train_crop_scale)]
-        if cfg.train_hflip:
+        geometry = [T.RandomResizedCrop(image_cfg.image_size, scale=image_cfg.train_crop_scale)]
+        if image_cfg.train_hflip:
             geometry.append(T.RandomHorizontalFlip())
     else:
-        geometry = [T.Resize(cfg.eval_resize), T.CenterCrop(cfg.image_size)]
-    return T.Compose([*geometry, T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+        geometry = [T.Resize(image_cfg.eval_resize), T.CenterCrop(image_cfg.image_size)]
+    return T.Compose([*geometry, T.ToTensor(), T.Normalize(image_cfg.mean, image_cfg.std)])
 
 
 def load_image(path: str | Path) -> Image.Image:
     """An RGB image with its EXIF orientation applied; errors name the file."""
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
+            return ImageOps.exif_transpose(image).convert("RGB")
     except FileNotFoundError as err:
         raise DataError(f"{path}: image file not found") from err
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:

@@ -31,7 +31,12 @@ def build_text_encoder(cfg: TextTowerConfig, pretrained: bool) -> nn.Module:
     """
     if pretrained and cfg.pretrained:
         path = _require_dir(cfg)
-        return AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+        # Loaded with its pooler so that the load report flags only real mismatches;
+        # HAT never uses the pooler, so it is dropped right after.
+        encoder = AutoModel.from_pretrained(path, local_files_only=True)
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None
+        return encoder
     if cfg.config or not cfg.path:
         options = dict(cfg.config)
         config = AutoConfig.for_model(options.pop("model_type", "bert"), **options)
