@@ -191,7 +191,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hat.checkpoint import CheckpointError
     from hat.config import ConfigError
 
+    import torch
+
     args = build_parser().parse_args(argv)
+    # Denormal floats are ~100x slower on x86 CPUs; flush them for every command.
+    torch.set_flush_denormal(True)
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
