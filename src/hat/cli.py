@@ -188,10 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``hat`` command; returns the exit status."""
+    import torch
+
     from hat.checkpoint import CheckpointError
     from hat.config import ConfigError
-
-    import torch
 
     args = build_parser().parse_args(argv)
     # Denormal floats are ~100x slower on x86 CPUs; flush them for every command.

@@ -252,7 +252,8 @@ class Trainer:
             img = self.model.encode_image(images)
             txt = self.model.encode_text(ids, mask)
             scores = self.model.similarity(img, txt)
-        loss = triplet_loss(scores.total.float(), margin=t.margin, max_violation=t.max_violation)
+        hardest = t.max_violation and self.state.epoch >= t.max_violation_warmup_epochs
+        loss = triplet_loss(scores.total.float(), margin=t.margin, max_violation=hardest)
         if t.global_loss_weight > 0:
             logits = self.model.global_similarity(img, txt).float() / t.global_temperature
             loss = loss + t.global_loss_weight * info_nce_loss(logits)

@@ -54,11 +54,11 @@ SHAPES = {  # shape -> the words that name it, the first one preferred
     "star": ("star",),
     "diamond": ("diamond", "rhombus"),
 }
-SIZES = {"small": 0.09, "large": 0.13}  # radius as a fraction of the image side
+SIZES = {"small": 0.11, "large": 0.15}  # radius as a fraction of the image side
 OBJECT_COUNTS = (2, 3)
 COUNT_WORDS = {2: "two", 3: "three"}
-CELL_CENTERS = (0.2, 0.5, 0.8)  # row / column centres of the 3 x 3 layout, fraction of side
-JITTER = 0.02  # random offset of an object around its cell centre, fraction of the side
+CELL_CENTERS = (0.18, 0.5, 0.82)  # row / column centres of the 3 x 3 layout, fraction of side
+JITTER = 0.01  # random offset of an object around its cell centre, fraction of the side
 CELL_NAMES = {
     (0, 0): "top left", (0, 1): "top", (0, 2): "top right",
     (1, 0): "left", (1, 1): "center", (1, 2): "right",
