@@ -216,7 +216,7 @@ class RetrievalConfig:
     shortlist_k: int = 0
     storage_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    image_block: int = 256
+    image_block: int = 64
 
 
 @dataclass(frozen=True)
