@@ -36,7 +36,7 @@ __all__ = [
 
 SPLITS = ("train", "val", "test")
 RESTVAL = "restval"  # MSCOCO's extra training images in the Karpathy split
-DEFAULT_SPLIT_RATIOS = (0.9, 0.05, 0.05)
+DEFAULT_SPLIT_RATIOS = DataConfig.split_ratios  # the one home of the default
 CSV_COLUMNS = ("image", "caption")  # required; "split" is optional
 
 _log = logging.getLogger(__name__)
