@@ -7,6 +7,8 @@ Quick start::
     scores = model(images, input_ids, attention_mask)  # Scores(levels (K, N, M), total (N, M))
 """
 
+import os
+
 from hat.config import ExperimentConfig, ModelConfig, get_preset
 from hat.model import HAT, ImageFeatures, Scores, TextFeatures, create_model, list_models
 
@@ -26,7 +28,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def load_model(model_dir, device="cpu") -> HAT:
+def load_model(model_dir: str | os.PathLike, device: str = "cpu") -> HAT:
     """Load a model directory (``config.json`` + ``model.safetensors`` + tokenizer)."""
     from hat.checkpoint import load_model as _load
 
