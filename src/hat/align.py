@@ -167,56 +167,29 @@ def similarity(
     word_mask = positions[None, :] < lengths[:, None]  # (M, L)
     captions = captions * word_mask[:, :, None].to(captions.dtype)  # (M, L, d) zero padding
     order = torch.argsort(lengths, descending=True)
-    itemsize = torch.finfo(out.dtype).bits // 8
     device_type = images.device.type
     if torch.is_autocast_enabled(device_type):
         # Under AMP the products run in the autocast dtype; everything after them in float32.
         half = torch.get_autocast_dtype(device_type)
         images, captions = images.to(half), captions.to(half)
         out = out.float()
+    itemsize = torch.finfo(out.dtype).bits // 8
     with torch.autocast(device_type, enabled=False):
-        _score_blocks(
-            images,
-            captions,
-            word_mask,
-            lengths,
-            order,
-            out,
-            direction,
-            lambda_softmax,
-            itemsize,
-            block_bytes,
-        )
-    return out
-
-
-def _score_blocks(
-    images: Tensor,
-    captions: Tensor,
-    word_mask: Tensor,
-    lengths: Tensor,
-    order: Tensor,
-    out: Tensor,
-    direction: Literal["i2t", "t2i"],
-    lambda_softmax: float,
-    itemsize: int,
-    block_bytes: int,
-) -> None:
-    """Fill ``out`` (N, M) block by block, captions taken in ``order`` (longest first)."""
-    n, r, _ = images.shape
-    m = captions.shape[0]
-    start = 0
-    while start < m:
-        block_len = int(lengths[order[start]])
-        image_block, caption_block = _block_sizes(n, r, m - start, block_len, itemsize, block_bytes)
-        idx = order[start : start + caption_block]
-        caps, cmask = captions[idx, :block_len], word_mask[idx, :block_len]
-        for i in range(0, n, image_block):
-            block = _block_scores(
-                images[i : i + image_block], caps, cmask, direction, lambda_softmax
+        start = 0
+        while start < m:
+            block_len = int(lengths[order[start]])
+            image_block, caption_block = _block_sizes(
+                n, r, m - start, block_len, itemsize, block_bytes
             )
-            out[i : i + image_block, idx] = block
-        start += caption_block
+            idx = order[start : start + caption_block]
+            caps, cmask = captions[idx, :block_len], word_mask[idx, :block_len]
+            for i in range(0, n, image_block):
+                block = _block_scores(
+                    images[i : i + image_block], caps, cmask, direction, lambda_softmax
+                )
+                out[i : i + image_block, idx] = block
+            start += caption_block
+    return out
 
 
 def pooled_similarity(images: Tensor, captions: Tensor, caption_lengths: Tensor) -> Tensor:
