@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from index_support import SCENE_SIZE, SCENES
+
+import hat
+from hat.checkpoint import save_model
+from hat.data import generate_scenes
 
 
 @pytest.fixture(autouse=True)
@@ -22,3 +31,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+# -- shared by the index, search, explanation and web tests ---------------------------
+
+
+@pytest.fixture(scope="session")
+def collection(tmp_path_factory) -> dict[str, Path]:
+    """``model`` (tiny, seeded), ``images`` (a folder of scenes) and ``captions``
+    (a JSONL file, two captions for each of the first images)."""
+    root = tmp_path_factory.mktemp("collection")
+    torch.manual_seed(0)
+    save_model(hat.create_model("tiny"), root / "model")
+    data = root / "data"
+    generate_scenes(data, n_train=SCENES - 6, n_val=3, n_test=3, image_size=SCENE_SIZE)
+    dataset = json.loads((data / "dataset_synth.json").read_text())
+    with open(root / "captions.jsonl", "w") as f:
+        for item in dataset["images"][: SCENES // 2]:
+            image = f"data/{item['filepath']}/{item['filename']}"
+            for sentence in item["sentences"][:2]:
+                f.write(json.dumps({"caption": sentence["raw"], "image": image}) + "\n")
+    return {"model": root / "model", "images": data / "images", "captions": root / "captions.jsonl"}
+
+
+@pytest.fixture
+def images_copy(collection, tmp_path) -> Path:
+    """A private copy of the scene images that a test may change."""
+    return Path(shutil.copytree(collection["images"], tmp_path / "images"))

@@ -31,6 +31,7 @@ from torch import Tensor
 
 __all__ = [
     "DEFAULT_BLOCK_BYTES",
+    "attention_maps",
     "EPS",
     "LEAKY_SLOPE",
     "pooled_similarity",
@@ -206,3 +207,32 @@ def pooled_similarity(images: Tensor, captions: Tensor, caption_lengths: Tensor)
         dim=1, keepdim=True
     )
     return F.normalize(image_mean, dim=-1) @ F.normalize(caption_mean, dim=-1).T  # (N, M)
+
+
+def attention_maps(
+    regions: Tensor,
+    words: Tensor,
+    direction: Literal["i2t", "t2i"] = "i2t",
+    lambda_softmax: float = 9.0,
+) -> Tensor:
+    """The attention weights of one image and one caption at one level, word by region.
+
+    Args:
+        regions: ``(R, d)`` the image's tokens.
+        words: ``(L, d)`` the caption's valid tokens (no padding).
+        direction: the alignment direction the model scores with.
+        lambda_softmax: inverse temperature of the attention softmax.
+
+    Returns:
+        ``(L, R)`` float32 weights ``alpha``. In ``t2i`` each word's row is its softmax
+        over the regions (sums to 1). In ``i2t`` regions attend to words, so row ``w``
+        holds, for every region, the share of that region's attention that went to
+        word ``w`` (each column sums to 1): where in the image the word was matched.
+    """
+    v, t = regions.float(), words.float()
+    a = F.leaky_relu(v @ t.T, LEAKY_SLOPE)  # (R, L)
+    if direction == "i2t":
+        n = a / (torch.linalg.vector_norm(a, dim=0, keepdim=True) + EPS)  # across regions
+        return torch.softmax(lambda_softmax * n, dim=1).T  # (L, R), softmax over words
+    n = a / (torch.linalg.vector_norm(a, dim=1, keepdim=True) + EPS)  # across words
+    return torch.softmax(lambda_softmax * n, dim=0).T  # (L, R), softmax over regions

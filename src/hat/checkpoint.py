@@ -13,6 +13,7 @@ that a run resumes exactly. It is written atomically and read with
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -34,6 +35,7 @@ __all__ = [
     "capture_rng_state",
     "load_model",
     "load_training_checkpoint",
+    "model_fingerprint",
     "model_from_training_checkpoint",
     "resolve_model",
     "restore_rng_state",
@@ -43,6 +45,8 @@ __all__ = [
 
 MODEL_CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
+# Config fields that say where files lie, not what the model computes.
+_LOCATION_FIELDS = (("text", "path"), ("text", "tokenizer_path"), ("image", "pretrained_path"))
 
 
 class CheckpointError(RuntimeError):
@@ -125,6 +129,22 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> HAT
     model = HAT(cfg, pretrained=False)
     load_state_strict(model, load_file(str(root / MODEL_WEIGHTS)), str(root / MODEL_WEIGHTS))
     return model.to(device).eval()
+
+
+def model_fingerprint(model: HAT) -> str:
+    """A SHA-256 hex digest of the model's config and every tensor of its state
+    (names, dtypes, shapes and values): equal fingerprints mean equal scores.
+    Where the files lie (tokenizer and weight paths) does not count."""
+    cfg = config_to_dict(model.config)
+    for tower, key in _LOCATION_FIELDS:
+        cfg[tower].pop(key, None)
+    digest = hashlib.sha256()
+    digest.update(json.dumps(cfg, sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

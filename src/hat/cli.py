@@ -6,18 +6,29 @@ hat evaluate MODEL --split test         recall table for each level and the sum
 hat export RUN --out DIR                a run's best checkpoint as a model directory
 hat import-checkpoint CKPT --out DIR    the authors' released checkpoint as a model directory
 hat demo --out DIR                      scenes -> train -> evaluate -> example queries
+hat index build MODEL IMAGES --out IDX  index a folder of images (add / remove / info)
+hat search IDX "a dog on a beach"       search by text (or --image FILE)
+hat explain MODEL IMAGE "caption"       per-level word-region attention maps as a PNG
+hat serve IDX                           the web app (FastAPI) on 127.0.0.1:8000
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
+import statistics
 import sys
+import time
 import typing
 from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["main"]
+
+_STARTED = time.perf_counter()
+TIMING_REPEATS = 5
 
 
 def _experiment_config(args: argparse.Namespace):
@@ -42,6 +53,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from hat import distributed
     from hat.config import apply_overrides, load_config
     from hat.train import Trainer
 
@@ -50,12 +62,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = apply_overrides(load_config(run / "config.yaml"), args.overrides)
     else:
         cfg = _experiment_config(args)
-    summary = Trainer(cfg, run, device=args.device, resume=args.resume).fit()
-    print(json.dumps(summary, indent=2))
+    try:
+        summary = Trainer(cfg, run, device=args.device, resume=args.resume).fit()
+        if distributed.is_main_process():
+            print(json.dumps(summary, indent=2))
+    finally:
+        distributed.teardown()
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from hat import distributed
     from hat.checkpoint import resolve_model
     from hat.config import DataConfig, RetrievalConfig, apply_overrides
     from hat.data import CaptionTokenizer, load_records, select_split
@@ -67,20 +84,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         use_restval=not args.no_restval, num_workers=args.num_workers,
     )  # fmt: skip
     data = apply_overrides(data, args.overrides)
-    device = pick_device(args.device)
-    model = resolve_model(args.model, args.which).to(device)
-    records = select_split(load_records(data), args.split)
-    tokenizer = CaptionTokenizer.from_config(model.config.text)
-    retrieval = RetrievalConfig(shortlist_k=args.shortlist_k, storage_dtype=args.storage_dtype)
-    report = evaluate(
-        model, records, tokenizer, device, captions_per_image=data.captions_per_image,
-        batch_size=args.batch_size, num_workers=data.num_workers, folds=args.folds,
-        retrieval=retrieval,
-    )  # fmt: skip
-    print(format_report(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        print(f"wrote {args.json}")
+    # Under torchrun every process shares the work and gets the report; rank 0 writes it.
+    device = distributed.init_from_env(pick_device(args.device))
+    try:
+        model = resolve_model(args.model, args.which).to(device)
+        records = select_split(load_records(data), args.split)
+        tokenizer = CaptionTokenizer.from_config(model.config.text)
+        retrieval = RetrievalConfig(shortlist_k=args.shortlist_k, storage_dtype=args.storage_dtype)
+        report = evaluate(
+            model, records, tokenizer, device, captions_per_image=data.captions_per_image,
+            batch_size=args.batch_size, num_workers=data.num_workers, folds=args.folds,
+            retrieval=retrieval,
+        )  # fmt: skip
+        if distributed.is_main_process():
+            print(format_report(report))
+            if args.json:
+                Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+                print(f"wrote {args.json}")
+    finally:
+        distributed.teardown()
     return 0
 
 
@@ -104,6 +126,136 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from hat.demo import run_demo
 
     run_demo(args.out, device=args.device, overrides=args.overrides)
+    return 0
+
+
+def _index_config(overrides: Sequence[str]):
+    from hat.config import IndexConfig, apply_overrides
+
+    return apply_overrides(IndexConfig(), list(overrides))
+
+
+def _cmd_index_build(args: argparse.Namespace) -> int:
+    from hat.index import Index
+
+    cfg = _index_config(args.overrides)
+    with Index.create(args.out, args.model, cfg, device=args.device or "cpu") as index:
+        report = index.add_images(*args.images)
+        if args.captions:
+            report.captions = index.add_captions(args.captions)
+        print(report.summary())
+        info = index.info()
+    print(f"index {info['path']}: {info['images']} images, {info['captions']} captions, "
+          f"{info['bytes_on_disk'] / 2**20:.1f} MiB")  # fmt: skip
+    return 0
+
+
+def _cmd_index_add(args: argparse.Namespace) -> int:
+    from hat.index import AddReport, Index
+
+    cfg = _index_config(args.overrides)
+    with Index.open(args.index, cfg=cfg, device=args.device or "cpu", writable=True) as index:
+        report = index.add_images(*args.images) if args.images else AddReport()
+        if args.captions:
+            report.captions = index.add_captions(args.captions)
+        print(report.summary())
+    return 0
+
+
+def _cmd_index_remove(args: argparse.Namespace) -> int:
+    from hat.index import Index
+
+    with Index.open(args.index, writable=True) as index:
+        removed = index.remove(args.paths)
+        print(f"removed {removed} image(s); {len(index)} left")
+    return 0
+
+
+def _cmd_index_info(args: argparse.Namespace) -> int:
+    from hat.index import Index
+
+    with Index.open(args.index) as index:
+        print(json.dumps(index.info(), indent=2))
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from hat.index import Index
+
+    if (args.query is None) == (args.image is None):
+        raise ValueError("give either a text query or --image FILE")
+    opened = time.perf_counter()
+    cfg = _index_config(args.overrides)
+    index = Index.open(args.index, model=args.model, cfg=cfg, device=args.device or "cpu")
+    with index:
+        ready = time.perf_counter()
+
+        def run():
+            if args.image is not None:
+                return index.search_image(args.image, args.k, args.exhaustive)
+            return index.search_text(args.query, args.k, args.exhaustive)
+
+        hits = run()
+        answered = time.perf_counter()
+        latencies = []
+        if args.timing:
+            for _ in range(TIMING_REPEATS):
+                start = time.perf_counter()
+                run()
+                latencies.append((time.perf_counter() - start) * 1e3)
+    if args.json:
+        print(json.dumps([h.to_dict() for h in hits], indent=2))
+    else:
+        for rank, hit in enumerate(hits, start=1):
+            levels = " ".join(f"{s:.3f}" for s in hit.level_scores)
+            what = hit.path if hit.kind == "image" else f'"{hit.text}"  ({hit.path or "-"})'
+            print(f"{rank:3d}. {hit.score:7.3f}  [{levels}]  {what}")
+    if args.timing:
+        print(
+            f"timing: cold start to first answer {answered - _STARTED:.2f} s "
+            f"(imports {opened - _STARTED:.2f} s, open index + model {ready - opened:.2f} s, "
+            f"first query {1e3 * (answered - ready):.1f} ms); warm query median "
+            f"{statistics.median(latencies):.1f} ms over {TIMING_REPEATS}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from hat.checkpoint import resolve_model
+    from hat.data import CaptionTokenizer, load_image
+    from hat.explain import explain, render_png
+
+    model = resolve_model(args.model)
+    explanation = explain(
+        model, CaptionTokenizer.from_config(model.config.text), load_image(args.image),
+        args.caption,
+    )  # fmt: skip
+    render_png(explanation, args.out)
+    levels = ", ".join(f"{lv.score:.3f}" for lv in explanation.levels)
+    print(f"HAT score {explanation.score:.3f} (levels {levels}); wrote {args.out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(explanation.to_dict()) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from hat.config import ServeConfig, apply_overrides
+    from hat.index import Index
+    from hat.serve import serve
+
+    cfg = apply_overrides(ServeConfig(), args.overrides)
+    given = {
+        "host": args.host,
+        "port": args.port,
+        "token": args.token or os.environ.get("HAT_TOKEN"),
+    }
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v})
+    index = Index.open(args.index, model=args.model, device=args.device or "cpu")
+    print(f"serving {args.index} ({len(index)} images) on http://{cfg.host}:{cfg.port}/"
+          + (" (bearer token required)" if cfg.token else ""))  # fmt: skip
+    serve(index, cfg)
     return 0
 
 
@@ -183,6 +335,70 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     demo.set_defaults(func=_cmd_demo)
+
+    def index_overrides(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--set", dest="overrides", nargs="+", metavar="KEY=VALUE", default=[],
+            help="IndexConfig fields, e.g. --set batch_size=64 num_workers=2 shortlist=300",
+        )  # fmt: skip
+        p.add_argument("--device", help="cpu (default), cuda, cuda:1, mps")
+
+    index = sub.add_parser("index", help="index a collection of images").add_subparsers(
+        dest="index_command", required=True
+    )
+    build = index.add_parser("build", help="create an index of image files and folders")
+    build.add_argument("model", help="model directory, run folder or training checkpoint")
+    build.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    build.add_argument("--out", required=True, help="new index folder")
+    build.add_argument("--captions", help="captions to index too (.txt, .jsonl or .csv)")
+    index_overrides(build)
+    build.set_defaults(func=_cmd_index_build)
+    add = index.add_parser("add", help="index new or changed files (and captions)")
+    add.add_argument("index", help="index folder")
+    add.add_argument("images", nargs="*", help="image files or folders")
+    add.add_argument("--captions", help="captions to index too (.txt, .jsonl or .csv)")
+    index_overrides(add)
+    add.set_defaults(func=_cmd_index_add)
+    remove = index.add_parser("remove", help="remove images (files or whole folders)")
+    remove.add_argument("index", help="index folder")
+    remove.add_argument("paths", nargs="+", help="image files or folders to forget")
+    remove.set_defaults(func=_cmd_index_remove)
+    info = index.add_parser("info", help="what an index holds")
+    info.add_argument("index", help="index folder")
+    info.set_defaults(func=_cmd_index_info)
+
+    search = sub.add_parser("search", help="search an index by text or by image")
+    search.add_argument("index", help="index folder")
+    search.add_argument("query", nargs="?", help="text query")
+    search.add_argument("--image", help="query image: finds captions, or images if none")
+    search.add_argument("-k", type=int, default=10, help="number of results")
+    search.add_argument("--exhaustive", action="store_true", help="score every item exactly")
+    search.add_argument("--json", action="store_true", help="print the hits as JSON")
+    search.add_argument("--timing", action="store_true", help="print cold start and latency")
+    search.add_argument("--model", help="model to use (default: the one the index names)")
+    index_overrides(search)
+    search.set_defaults(func=_cmd_search)
+
+    expl = sub.add_parser("explain", help="draw which regions each word matched, per level")
+    expl.add_argument("model", help="model directory, run folder or training checkpoint")
+    expl.add_argument("image", help="image file")
+    expl.add_argument("caption", help="the caption to explain")
+    expl.add_argument("--out", default="explain.png", help="PNG to write")
+    expl.add_argument("--json", help="also write the attention weights as JSON here")
+    expl.set_defaults(func=_cmd_explain)
+
+    srv = sub.add_parser("serve", help="the web app over an index")
+    srv.add_argument("index", help="index folder")
+    srv.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, help="port (default 8000)")
+    srv.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (or set HAT_TOKEN)")
+    srv.add_argument("--model", help="model to use (default: the one the index names)")
+    srv.add_argument("--device", help="cpu (default), cuda, mps")
+    srv.add_argument(
+        "--set", dest="overrides", nargs="+", metavar="KEY=VALUE", default=[],
+        help="ServeConfig limits, e.g. --set max_k=50 max_upload_bytes=5000000",
+    )  # fmt: skip
+    srv.set_defaults(func=_cmd_serve)
     return parser
 
 
@@ -192,13 +408,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from hat.checkpoint import CheckpointError
     from hat.config import ConfigError
+    from hat.index.store import IndexFormatError
 
     args = build_parser().parse_args(argv)
     # Denormal floats are ~100x slower on x86 CPUs; flush them for every command.
     torch.set_flush_denormal(True)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, CheckpointError, IndexFormatError, FileNotFoundError, ValueError) as err:
         print(f"hat: error: {err}", file=sys.stderr)
         return 2
 

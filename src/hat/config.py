@@ -29,9 +29,11 @@ __all__ = [
     "DataConfig",
     "ExperimentConfig",
     "ImageTowerConfig",
+    "IndexConfig",
     "LevelConfig",
     "ModelConfig",
     "RetrievalConfig",
+    "ServeConfig",
     "TextTowerConfig",
     "TrainConfig",
     "apply_overrides",
@@ -176,6 +178,15 @@ class TrainConfig:
     ``max_violation_warmup_epochs``: epochs that sum the hinge over all negatives
     before switching to the hardest negative (VSE++ notes that hardest negatives
     alone can fail to start learning from scratch; 0 in ``paper``).
+
+    Under ``torchrun`` (see ``docs/distributed.md``) ``batch_size`` is per process.
+    ``global_batch_loss``: compute the triplet and InfoNCE losses over the GLOBAL batch
+    (every process's pairs), so that hardest negatives come from all of them and the
+    gradient equals one process's on the whole global batch; it costs the other
+    processes' features of every level and about ``2 x processes`` times the local
+    alignment memory (:func:`hat.losses.global_batch_scores`). Off: each process's
+    loss covers its own batch and DDP averages the gradients. No effect in a single
+    process.
     """
 
     epochs: int = 100
@@ -200,6 +211,7 @@ class TrainConfig:
     select_metric: tuple[str, ...] = ("i2t_r1", "t2i_r1")
     log_every: int = 10
     max_steps_per_epoch: int = 0
+    global_batch_loss: bool = False
 
 
 @dataclass(frozen=True)
@@ -217,6 +229,48 @@ class RetrievalConfig:
     storage_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     image_block: int = 64
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How ``hat index`` builds an index of an image collection and how it is searched.
+
+    ``batch_size``: images encoded per forward pass; ``num_workers``: decoding
+    processes. ``commit_every``: images per segment; each segment is committed on
+    its own, so an interrupted build keeps every finished segment.
+    ``exact_max_items``: up to this many items the global embeddings sit in an exact
+    faiss index; above it in an IVF index with ``ivf_lists_per_sqrt * sqrt(n)`` lists,
+    of which ``nprobe`` are visited per query. ``shortlist``: candidates per query
+    that two-stage search reranks with HAT's exact score.
+    ``search_block``: items scored at once by exhaustive search.
+    """
+
+    batch_size: int = 32
+    num_workers: int = 0
+    commit_every: int = 1024
+    exact_max_items: int = 50_000
+    ivf_lists_per_sqrt: float = 4.0
+    nprobe: int = 16
+    shortlist: int = 200
+    search_block: int = 512
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The web app's address and request limits (``hat serve``).
+
+    Bound to loopback unless ``host`` says otherwise. ``token``: when set, every
+    request but ``/healthz`` needs ``Authorization: Bearer <token>``.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_query_chars: int = 500
+    max_k: int = 100
+    max_upload_bytes: int = 10 * 2**20
+    max_pixels: int = 40_000_000
+    thumbnail_size: int = 320
+    token: str | None = None
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ import torch
 from torch import Tensor
 
 from hat.align import scoring_dtype
-from hat.config import ModelConfig, RetrievalConfig
+from hat.config import IndexConfig, ModelConfig, RetrievalConfig
 from hat.model import ImageFeatures, TextFeatures, similarity
 
-__all__ = ["TwoStageScores", "shortlist", "two_stage_similarity"]
+__all__ = ["TwoStageScores", "global_index", "shortlist", "two_stage_similarity"]
 
 
 def shortlist(queries: Tensor, gallery: Tensor, k: int) -> Tensor:
@@ -31,6 +31,26 @@ def shortlist(queries: Tensor, gallery: Tensor, k: int) -> Tensor:
     index.add(np.ascontiguousarray(gallery.detach().float().cpu().numpy()))
     _, ids = index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
     return torch.from_numpy(ids).long()
+
+
+def global_index(embeddings: np.ndarray, ids: np.ndarray, cfg: IndexConfig) -> faiss.Index:
+    """A faiss inner-product index over ``(G, g)`` embeddings with int64 ``ids``.
+
+    Exact (flat) up to ``cfg.exact_max_items`` items; above, an IVF index with
+    ``cfg.ivf_lists_per_sqrt * sqrt(G)`` lists trained on the embeddings themselves and
+    searching ``cfg.nprobe`` lists per query (approximate, much faster).
+    """
+    g = embeddings.shape[1]
+    data = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if len(data) <= cfg.exact_max_items:
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(g))
+    else:
+        lists = min(len(data), max(1, int(cfg.ivf_lists_per_sqrt * np.sqrt(len(data)))))
+        index = faiss.index_factory(g, f"IVF{lists},Flat", faiss.METRIC_INNER_PRODUCT)
+        index.train(data)
+        index.nprobe = cfg.nprobe
+    index.add_with_ids(data, np.ascontiguousarray(ids, dtype=np.int64))
+    return index
 
 
 @dataclass

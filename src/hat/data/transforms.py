@@ -10,7 +10,9 @@ from torchvision import transforms as T
 from hat.config import ImageTowerConfig
 from hat.data.records import DataError
 
-__all__ = ["build_transform", "load_image"]
+__all__ = ["IMAGE_EXTENSIONS", "build_transform", "is_image_file", "load_image"]
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
 
 def build_transform(image_cfg: ImageTowerConfig, train: bool) -> T.Compose:
@@ -38,3 +40,8 @@ def load_image(path: str | Path) -> Image.Image:
         raise DataError(f"{path}: image file not found") from err
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
         raise DataError(f"{path}: cannot read image: {err}") from err
+
+
+def is_image_file(path: str | Path) -> bool:
+    """Whether a file name has one of the :data:`IMAGE_EXTENSIONS` (any case)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS

@@ -29,6 +29,9 @@ class ImageTower(nn.Module):
     backbone's last get their own LayerNorm (HAT's extra ``norm_1``/``norm_2``); the
     last stage goes through the backbone's own final norm, as in the reference.
 
+    ``grid_sizes`` holds each level's side ``H = W`` (its tokens are the ``H * W`` grid
+    cells in row-major order), for drawing attention maps.
+
     Args:
         cfg: the image tower config.
         stages: 1-based stage numbers, one per level, in level order.
@@ -66,6 +69,9 @@ class ImageTower(nn.Module):
         self.stages = tuple(stages)
         self.widths = tuple(self.backbone.feature_info[s - 1]["num_chs"] for s in stages)
         self.last_stage = num_stages
+        self.grid_sizes = tuple(
+            cfg.image_size // self.backbone.feature_info[s - 1]["reduction"] for s in stages
+        )
         self.stage_norms = nn.ModuleDict(
             {str(s): nn.LayerNorm(w) for s, w in zip(stages, self.widths) if s != num_stages}
         )

@@ -1,0 +1,527 @@
+"""An index of an image collection searchable by text and by image with HAT.
+
+Pipeline (``add_images``): find files -> read, hash and decode (DataLoader
+workers) -> encode in batches -> write segments (one committed transaction per
+``commit_every`` images) -> rebuild the global-embedding faiss index.
+Search is two-stage by default: shortlist by global embedding (faiss), then rank
+the shortlist with HAT's exact score; ``exhaustive=True`` scores every item.
+
+Shape legend: ``n`` items, ``T_k`` tokens of level ``k``, ``L`` words, ``d`` joint
+width, ``g`` global width, ``K`` levels.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from hat.checkpoint import model_fingerprint, resolve_model
+from hat.config import IndexConfig
+from hat.data import CaptionTokenizer, DataError, build_transform, load_image
+from hat.explain import Explanation, caption_tokens, explain_features, model_view
+from hat.index.reader import (
+    CaptionEntry,
+    ImageFileDataset,
+    collate_image_files,
+    find_images,
+    read_caption_file,
+)
+from hat.index.store import IndexFormatError, IndexStore, Kind, Manifest, SegmentArrays
+from hat.model import HAT, ImageFeatures, TextFeatures, similarity
+from hat.search import global_index
+
+__all__ = ["AddReport", "Hit", "Index", "IndexFormatError"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result.
+
+    Attributes:
+        id: the item's id in the index (images and captions are numbered apart).
+        kind: ``image`` or ``caption``.
+        score: the ranking score (HAT's summed score for text-image pairs).
+        level_scores: the per-level scores that sum to ``score``.
+        path: the image file (an image hit, or the image a caption was written for).
+        text: the caption (caption hits).
+    """
+
+    id: int
+    kind: Kind
+    score: float
+    level_scores: tuple[float, ...]
+    path: str | None = None
+    text: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "score": self.score,
+            "level_scores": list(self.level_scores),
+            "path": self.path,
+            "text": self.text,
+        }
+
+
+@dataclass
+class AddReport:
+    """What an ``add`` did: counts, and each file left out with the reason."""
+
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    captions: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = (
+            f"{self.added} image(s) added, {self.updated} updated, {self.unchanged} unchanged, "
+            f"{self.captions} caption(s) added, {len(self.skipped)} skipped"
+        )
+        return text + "".join(f"\n  skipped {p}: {why}" for p, why in self.skipped)
+
+
+@dataclass
+class _Snapshot:
+    """The searchable state of one kind at one generation."""
+
+    ids: np.ndarray  # (n,) int64
+    segments: np.ndarray  # (n,) int64
+    rows: np.ndarray  # (n,) int64
+    position: dict[int, int]
+    faiss: Any | None
+
+
+class Index:
+    """A folder of indexed images (and optional captions) plus the model that encoded them.
+
+    Open with :meth:`open` (search; ``writable=True`` to add or remove) or create
+    with :meth:`create`. The model's fingerprint must equal the one in the index's
+    manifest: features of another model would give meaningless scores.
+    """
+
+    def __init__(
+        self,
+        store: IndexStore,
+        model: HAT,
+        cfg: IndexConfig,
+        device: torch.device,
+    ) -> None:
+        self.store = store
+        self.model = model.to(device).eval()
+        self.tokenizer = CaptionTokenizer.from_config(model.config.text)
+        self.cfg = cfg
+        self.device = device
+        self._lock = threading.RLock()
+        self._generation = -1
+        self._snapshots: dict[str, _Snapshot] = {}
+
+    # -- opening -----------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        root: str | Path,
+        model_path: str | Path,
+        cfg: IndexConfig = IndexConfig(),
+        device: str | torch.device = "cpu",
+    ) -> Index:
+        """A new, empty index in ``root`` for the model at ``model_path``."""
+        model = resolve_model(model_path)
+        manifest = Manifest(
+            model_path=str(Path(model_path).resolve()),
+            fingerprint=model_fingerprint(model),
+            tokens=tuple(g * g for g in model.image_tower.grid_sizes),
+            grids=tuple(model.image_tower.grid_sizes),
+            embed_dim=model.config.embed_dim,
+            global_dim=model.config.global_dim,
+        )
+        return cls(IndexStore.create(root, manifest), model, cfg, torch.device(device))
+
+    @classmethod
+    def open(
+        cls,
+        root: str | Path,
+        model: str | Path | HAT | None = None,
+        cfg: IndexConfig = IndexConfig(),
+        device: str | torch.device = "cpu",
+        writable: bool = False,
+    ) -> Index:
+        """Open an index; ``model`` (a path or a loaded :class:`HAT`) defaults to the
+        model the index was built with. Refuses a model of another fingerprint."""
+        store = IndexStore.open(root, readonly=not writable)
+        source = model if model is not None else store.manifest.model_path
+        if isinstance(source, HAT):
+            loaded, where = source, "the given model"
+        else:
+            loaded, where = resolve_model(source), str(source)
+        fingerprint = model_fingerprint(loaded)
+        if fingerprint != store.manifest.fingerprint:
+            store.close()
+            raise IndexFormatError(
+                f"index {root} was built with model {store.manifest.model_path} "
+                f"(fingerprint {store.manifest.fingerprint[:12]}), but {where} has fingerprint "
+                f"{fingerprint[:12]}: its features would not match; open the index with the "
+                f"model it was built with or rebuild it with `hat index build`"
+            )
+        return cls(store, loaded, cfg, torch.device(device))
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.store.count("image")
+
+    def info(self) -> dict[str, Any]:
+        """Counts, model, level shapes and storage size."""
+        manifest = self.store.manifest
+        size = sum(p.stat().st_size for p in self.store.root.rglob("*") if p.is_file())
+        return {
+            "path": str(self.store.root),
+            "images": self.store.count("image"),
+            "captions": self.store.count("caption"),
+            "model": manifest.model_path,
+            "fingerprint": manifest.fingerprint,
+            "levels": [{"tokens": t, "grid": g} for t, g in zip(manifest.tokens, manifest.grids)],
+            "embed_dim": manifest.embed_dim,
+            "bytes_on_disk": size,
+            "generation": self.store.generation(),
+        }
+
+    # -- writing -----------------------------------------------------------------
+    @torch.no_grad()
+    def add_images(self, *roots: str | Path, progress: bool = True) -> AddReport:
+        """Index the new or changed image files under ``roots``.
+
+        A file whose path, size and modification time are already indexed is
+        skipped without reading; one whose content hash is unchanged is only
+        re-stamped; others are (re-)encoded. Unreadable files are reported and left
+        out.
+        """
+        report = AddReport()
+        files = find_images(*roots)
+        with self.store.writer():
+            known = self.store.images_by_path()
+            todo = []
+            for f in files:
+                old = known.get(f.path)
+                if old is not None and (old[2], old[3]) == (f.bytes, f.mtime_ns):
+                    report.unchanged += 1
+                else:
+                    todo.append(f)
+            dataset = ImageFileDataset(
+                todo,
+                build_transform(self.model.config.image, train=False),
+                {p: known[p][1] for p in (f.path for f in todo) if p in known},
+            )
+            loader = DataLoader(
+                dataset,
+                batch_size=self.cfg.batch_size,
+                num_workers=self.cfg.num_workers,
+                collate_fn=collate_image_files,
+            )
+            pending: list[tuple[dict, ImageFeatures]] = []
+            bar = tqdm(total=len(todo), desc="index images", unit="img", disable=not progress)
+            for batch in loader:
+                bar.update(len(batch["decoded"]) + len(batch["unchanged"]) + len(batch["errors"]))
+                report.skipped.extend(batch["errors"])
+                self.store.touch_images(
+                    [(it["file"].mtime_ns, known[it["file"].path][0]) for it in batch["unchanged"]]
+                )
+                report.unchanged += len(batch["unchanged"])
+                if batch["images"] is None:
+                    continue
+                feats = self.model.encode_image(batch["images"].to(self.device)).to("cpu")
+                for i, item in enumerate(batch["decoded"]):
+                    pending.append((item, feats[i : i + 1]))
+                if len(pending) >= self.cfg.commit_every:
+                    self._commit_images(pending, known, report)
+                    pending = []
+            bar.close()
+            if pending:
+                self._commit_images(pending, known, report)
+            self._rebuild_faiss("image")
+        for path, why in report.skipped:
+            log.warning("skipped %s: %s", path, why)
+        return report
+
+    def _commit_images(
+        self, pending: list[tuple[dict, ImageFeatures]], known: dict, report: AddReport
+    ) -> None:
+        feats = ImageFeatures.cat([f for _, f in pending])
+        arrays = SegmentArrays(
+            [t.to(torch.float16).numpy() for t in feats.levels],  # (n, T_k, d) each
+            feats.global_embedding.float().numpy(),  # (n, g)
+        )
+        rows = [
+            {
+                "path": it["file"].path,
+                "sha256": it["sha256"],
+                "bytes": it["file"].bytes,
+                "mtime_ns": it["file"].mtime_ns,
+                "width": it["width"],
+                "height": it["height"],
+            }
+            for it, _ in pending
+        ]
+        replaces = [known[r["path"]][0] for r in rows if r["path"] in known]
+        self.store.commit_images(rows, arrays, replaces)
+        report.updated += len(replaces)
+        report.added += len(rows) - len(replaces)
+
+    @torch.no_grad()
+    def add_captions(
+        self, captions: str | Path | Iterable[CaptionEntry], progress: bool = True
+    ) -> int:
+        """Index captions (a caption file, see :func:`read_caption_file`, or entries)
+        not indexed yet; returns how many were added."""
+        entries = (
+            read_caption_file(captions) if isinstance(captions, str | Path) else list(captions)
+        )
+        with self.store.writer():
+            seen = self.store.caption_keys()
+            new = []
+            for e in entries:
+                if (e.text, e.image_path) not in seen:
+                    seen.add((e.text, e.image_path))
+                    new.append(e)
+            step = self.cfg.commit_every
+            starts = range(0, len(new), step)
+            for start in tqdm(starts, desc="index captions", disable=not progress or not new):
+                chunk = new[start : start + step]
+                feats = self._encode_texts([e.text for e in chunk])
+                arrays = SegmentArrays(
+                    [t.to(torch.float16).numpy() for t in feats.levels],  # (n, L, d) each
+                    feats.global_embedding.float().numpy(),  # (n, g)
+                    feats.lengths.numpy(),
+                )
+                self.store.commit_captions([(e.text, e.image_path) for e in chunk], arrays)
+            if new:
+                self._rebuild_faiss("caption")
+        return len(new)
+
+    def remove(self, paths: Sequence[str | Path]) -> int:
+        """Remove images by path (files or folders: everything indexed under them) and
+        the captions written for them; returns the number of images removed."""
+        targets = [str(Path(p).resolve()) for p in paths]
+        with self.store.writer():
+            indexed = self.store.images_by_path()
+            doomed = [
+                p for p in indexed
+                if any(p == t or p.startswith(t.rstrip("/") + "/") for t in targets)
+            ]  # fmt: skip
+            removed = self.store.remove_images(doomed)
+            self._rebuild_faiss("image")
+            self._rebuild_faiss("caption")
+        return removed
+
+    def _rebuild_faiss(self, kind: Kind) -> None:
+        generation = self.store.generation()
+        ids, segments, rows = self.store.locations(kind)
+        embeddings = self._gather(kind, segments, rows, global_only=True)
+        self.store.write_faiss(kind, global_index(embeddings, ids, self.cfg), generation)
+
+    # -- reading -----------------------------------------------------------------
+    def _snapshot(self, kind: Kind) -> _Snapshot:
+        """The live items of ``kind``; reloaded when another process committed."""
+        with self._lock:
+            generation = self.store.generation()
+            if generation != self._generation:
+                self._snapshots = {}
+                self._generation = generation
+            if kind not in self._snapshots:
+                ids, segments, rows = self.store.locations(kind)
+                index = self.store.read_faiss(kind, generation)
+                if index is None and len(ids):
+                    log.info("the %s faiss index is stale; rebuilding it in memory", kind)
+                    embeddings = self._gather(kind, segments, rows, global_only=True)
+                    index = global_index(embeddings, ids, self.cfg)
+                if index is not None and hasattr(index, "nprobe"):
+                    index.nprobe = self.cfg.nprobe
+                position = {int(i): p for p, i in enumerate(ids)}
+                self._snapshots[kind] = _Snapshot(ids, segments, rows, position, index)
+            return self._snapshots[kind]
+
+    def _gather(
+        self, kind: Kind, segments: np.ndarray, rows: np.ndarray, global_only: bool = False
+    ) -> Any:
+        """Features of the items at (segment, row), in that order: the ``(n, g)`` global
+        embeddings if ``global_only``, else :class:`ImageFeatures` / :class:`TextFeatures`
+        in float32."""
+        order = np.argsort(segments, kind="stable")
+        levels: list[list[np.ndarray]] = [[] for _ in self.store.manifest.tokens]
+        glob, lengths = [], []
+        for seg in np.unique(segments):
+            take = rows[order][segments[order] == seg]
+            arrays = self.store.segment(kind, int(seg))
+            glob.append(np.asarray(arrays.global_embedding[take]))
+            if global_only:
+                continue
+            for k, level in enumerate(arrays.levels):
+                levels[k].append(np.asarray(level[take]))
+            if arrays.lengths is not None:
+                lengths.append(arrays.lengths[take])
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        g = self.store.manifest.global_dim
+        global_embedding = (np.concatenate(glob) if glob else np.zeros((0, g), np.float32))[inverse]
+        if global_only:
+            return global_embedding
+        glob_t = torch.from_numpy(global_embedding)
+        if kind == "image":
+            tensors = [torch.from_numpy(np.concatenate(ts)[inverse]).float() for ts in levels]
+            return ImageFeatures(tensors, glob_t)
+        longest = max(t.shape[1] for t in levels[0])
+        padded = [
+            np.concatenate([np.pad(t, ((0, 0), (0, longest - t.shape[1]), (0, 0))) for t in ts])
+            for ts in levels
+        ]
+        tensors = [torch.from_numpy(t[inverse]).float() for t in padded]
+        return TextFeatures(tensors, torch.from_numpy(np.concatenate(lengths)[inverse]), glob_t)
+
+    # -- encoding ----------------------------------------------------------------
+    @torch.no_grad()
+    def _encode_texts(self, texts: Sequence[str]) -> TextFeatures:
+        parts = []
+        for start in range(0, len(texts), self.cfg.batch_size):
+            batch = self.tokenizer(list(texts[start : start + self.cfg.batch_size]))
+            feats = self.model.encode_text(
+                batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            )
+            parts.append(feats.to("cpu"))
+        return TextFeatures.cat(parts)
+
+    @torch.no_grad()
+    def _encode_image(self, image: Image.Image) -> ImageFeatures:
+        pixels = build_transform(self.model.config.image, train=False)(image.convert("RGB"))
+        return self.model.encode_image(pixels[None].to(self.device)).to("cpu")
+
+    # -- searching ---------------------------------------------------------------
+    def search_text(self, query: str, k: int = 10, exhaustive: bool = False) -> list[Hit]:
+        """The ``k`` indexed images that best match ``query`` under HAT's score."""
+        if not query.strip():
+            raise ValueError("the text query is empty")
+        text = self._encode_texts([query])
+        return self._search(
+            "image", text.global_embedding, k, exhaustive,
+            lambda images: similarity(images, text, self.model.config).levels[:, :, 0],
+        )  # fmt: skip
+
+    def search_image(
+        self, image: str | Path | Image.Image, k: int = 10, exhaustive: bool = False
+    ) -> list[Hit]:
+        """The ``k`` indexed captions that best match ``image`` under HAT's score, or,
+        when the index holds no captions, the ``k`` most similar indexed images (the
+        per-level cosine of mean-pooled tokens, summed)."""
+        if not isinstance(image, Image.Image):
+            image = load_image(image)
+        query = self._encode_image(image)
+        if self.store.count("caption"):
+            return self._search(
+                "caption", query.global_embedding, k, exhaustive,
+                lambda caps: similarity(query, caps, self.model.config).levels[:, 0, :],
+            )  # fmt: skip
+        return self._search(
+            "image", query.global_embedding, k, exhaustive,
+            lambda images: _pooled_image_similarity(query, images),
+        )  # fmt: skip
+
+    def _search(self, kind: Kind, query_global: torch.Tensor, k: int, exhaustive: bool, score):
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        snap = self._snapshot(kind)
+        if not len(snap.ids):
+            return []
+        if exhaustive or snap.faiss is None:
+            positions = np.arange(len(snap.ids))
+        else:
+            wanted = min(max(k, self.cfg.shortlist), len(snap.ids))
+            _, found = snap.faiss.search(query_global.float().numpy(), wanted)
+            positions = np.asarray(
+                [snap.position[int(i)] for i in found[0] if int(i) in snap.position],
+                dtype=np.int64,
+            )
+        level_scores = []  # (K, n) blocks
+        for start in range(0, len(positions), self.cfg.search_block):
+            block = positions[start : start + self.cfg.search_block]
+            feats = self._gather(kind, snap.segments[block], snap.rows[block])
+            level_scores.append(score(feats).float())
+        levels = torch.cat(level_scores, dim=1)  # (K, n)
+        total = levels.sum(dim=0)  # (n,)
+        top = torch.topk(total, k=min(k, total.numel()))
+        chosen = [int(snap.ids[positions[i]]) for i in top.indices.tolist()]
+        rows = (self.store.image_rows if kind == "image" else self.store.caption_rows)(chosen)
+        hits = []
+        for i, item_id, value in zip(top.indices.tolist(), chosen, top.values.tolist()):
+            row = rows.get(item_id)
+            if row is None:  # removed by a writer since this snapshot
+                continue
+            hits.append(
+                Hit(
+                    id=item_id,
+                    kind=kind,
+                    score=value,
+                    level_scores=tuple(levels[:, i].tolist()),
+                    path=row.get("path", row.get("image_path")),
+                    text=row.get("text"),
+                )
+            )
+        return hits
+
+    # -- images and explanations --------------------------------------------------
+    def image_path(self, image_id: int) -> str:
+        """The file of an indexed image; :class:`KeyError` for an unknown id."""
+        row = self.store.image_rows([image_id]).get(image_id)
+        if row is None:
+            raise KeyError(f"no image with id {image_id} in the index")
+        return row["path"]
+
+    def explain(self, image_id: int, caption: str) -> Explanation:
+        """Per-level word-region attention of an indexed image and ``caption``, from the
+        stored features (the image file is read only for display)."""
+        snap = self._snapshot("image")
+        if image_id not in snap.position:
+            raise KeyError(f"no image with id {image_id} in the index")
+        p = snap.position[image_id]
+        feats = self._gather("image", snap.segments[p : p + 1], snap.rows[p : p + 1])
+        batch, tokens, shown = caption_tokens(self.tokenizer, caption)
+        with torch.no_grad():
+            text = self.model.encode_text(
+                batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            ).to("cpu")
+        try:
+            view = model_view(load_image(self.image_path(image_id)), self.model.config.image)
+        except DataError:
+            size = self.model.config.image.image_size
+            view = Image.new("RGB", (size, size), "gray")
+        return explain_features(
+            self.model.config, self.store.manifest.grids, feats, text, tokens, shown, caption, view
+        )
+
+
+def _pooled_image_similarity(query: ImageFeatures, images: ImageFeatures) -> torch.Tensor:
+    """``(K, n)`` per-level cosine of the query's and each image's mean-pooled tokens."""
+    per_level = []
+    for q, g in zip(query.levels, images.levels):
+        q_mean = torch.nn.functional.normalize(q.float().mean(dim=1), dim=-1)  # (1, d)
+        g_mean = torch.nn.functional.normalize(g.float().mean(dim=1), dim=-1)  # (n, d)
+        per_level.append((g_mean @ q_mean.T)[:, 0])  # (n,)
+    return torch.stack(per_level)  # (K, n)

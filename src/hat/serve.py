@@ -1,0 +1,206 @@
+"""The web app: a thin FastAPI layer over :class:`hat.index.Index` and one HTML page.
+
+Endpoints: ``GET /`` (the page), ``POST /search/text``, ``POST /search/image``
+(upload), ``GET /images/{id}`` (thumbnail, by id only), ``GET /explain/{id}?q=``
+(PNG or JSON), ``GET /healthz``; OpenAPI docs at ``/docs``. Every request is
+validated against the limits of :class:`~hat.config.ServeConfig`; an optional bearer
+token guards every endpoint that reads the index (the page, ``/healthz`` and the
+docs stay open).
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import time
+from importlib import resources
+from typing import Annotated, Any, Literal
+
+from fastapi import (
+    APIRouter,
+    Depends,
+    FastAPI,
+    File,
+    Form,
+    HTTPException,
+    Query,
+    Request,
+    UploadFile,
+)
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, Field
+
+from hat.config import ServeConfig
+from hat.data import DataError, load_image
+from hat.explain import render_png
+from hat.index import Hit, Index
+
+__all__ = ["create_app", "serve"]
+
+UPLOAD_CHUNK = 2**16
+THUMBNAIL_QUALITY = 85
+
+
+class TextQuery(BaseModel):
+    """A text search request."""
+
+    query: str = Field(min_length=1, description="what to look for")
+    k: int = Field(default=10, ge=1, description="number of results")
+    exhaustive: bool = Field(default=False, description="score every image exactly")
+
+
+class HitModel(BaseModel):
+    """One result."""
+
+    id: int
+    kind: Literal["image", "caption"]
+    score: float
+    level_scores: list[float]
+    path: str | None = None
+    text: str | None = None
+
+
+class SearchResponse(BaseModel):
+    """Results, best first, and the time the search took."""
+
+    hits: list[HitModel]
+    took_ms: float
+
+
+def _hits(hits: list[Hit], started: float) -> SearchResponse:
+    return SearchResponse(
+        hits=[HitModel(**h.to_dict()) for h in hits], took_ms=(time.perf_counter() - started) * 1e3
+    )
+
+
+def _check_query(text: str, cfg: ServeConfig) -> str:
+    if len(text) > cfg.max_query_chars:
+        raise HTTPException(422, f"query longer than {cfg.max_query_chars} characters")
+    if not text.strip():
+        raise HTTPException(422, "query is empty")
+    return text
+
+
+def _check_k(k: int, cfg: ServeConfig) -> int:
+    if not 1 <= k <= cfg.max_k:
+        raise HTTPException(422, f"k must be between 1 and {cfg.max_k}")
+    return k
+
+
+async def _read_upload(upload: UploadFile, cfg: ServeConfig) -> Image.Image:
+    """The uploaded image, refused (413) above the byte or pixel limits, 415 if not
+    an image."""
+    data = bytearray()
+    while chunk := await upload.read(UPLOAD_CHUNK):
+        data.extend(chunk)
+        if len(data) > cfg.max_upload_bytes:
+            raise HTTPException(413, f"upload larger than {cfg.max_upload_bytes} bytes")
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as probe:
+            width, height = probe.size
+    except Image.DecompressionBombError as err:
+        raise HTTPException(413, f"image has more than {cfg.max_pixels} pixels") from err
+    except (UnidentifiedImageError, OSError) as err:
+        raise HTTPException(415, "the upload is not a readable image") from err
+    if width * height > cfg.max_pixels:
+        raise HTTPException(413, f"image has {width * height} pixels, limit {cfg.max_pixels}")
+    try:
+        return load_image(io.BytesIO(bytes(data)))
+    except DataError as err:
+        raise HTTPException(415, "the upload is not a readable image") from err
+
+
+def create_app(index: Index, cfg: ServeConfig = ServeConfig()) -> FastAPI:
+    """The FastAPI application serving ``index`` under the limits of ``cfg``."""
+
+    def authorize(request: Request) -> None:
+        if cfg.token is None:
+            return
+        given = request.headers.get("authorization", "")
+        expected = f"Bearer {cfg.token}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise HTTPException(401, "missing or wrong bearer token",
+                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    app = FastAPI(
+        title="hat",
+        description="Search an image collection with HAT (hierarchical alignment).",
+        version="1",
+    )
+    guarded = APIRouter(dependencies=[Depends(authorize)])
+    thumbnails: dict[int, bytes] = {}
+
+    @app.exception_handler(DataError)
+    async def data_error(request: Request, err: DataError) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=422)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return resources.files("hat").joinpath("web/index.html").read_text()
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        """Liveness and what is indexed."""
+        return {"status": "ok", "images": len(index), "captions": index.store.count("caption")}
+
+    @guarded.post("/search/text", response_model=SearchResponse)
+    def search_text(body: TextQuery) -> SearchResponse:
+        """Images best matching a text query."""
+        started = time.perf_counter()
+        query, k = _check_query(body.query, cfg), _check_k(body.k, cfg)
+        return _hits(index.search_text(query, k, body.exhaustive), started)
+
+    @guarded.post("/search/image", response_model=SearchResponse)
+    async def search_image(
+        file: Annotated[UploadFile, File(description="the query image")],
+        k: Annotated[int, Form()] = 10,
+        exhaustive: Annotated[bool, Form()] = False,
+    ) -> SearchResponse:
+        """Captions (or, without captions, images) best matching an uploaded image."""
+        started = time.perf_counter()
+        _check_k(k, cfg)
+        image = await _read_upload(file, cfg)
+        return _hits(index.search_image(image, k, exhaustive), started)
+
+    @guarded.get("/images/{image_id}", responses={200: {"content": {"image/jpeg": {}}}})
+    def image(image_id: int) -> Response:
+        """A JPEG thumbnail of an indexed image, by id."""
+        if image_id not in thumbnails:
+            try:
+                picture = load_image(index.image_path(image_id))
+            except KeyError as err:
+                raise HTTPException(404, f"no image with id {image_id}") from err
+            except DataError as err:
+                raise HTTPException(410, "the image file is no longer readable") from err
+            picture.thumbnail((cfg.thumbnail_size, cfg.thumbnail_size))
+            buffer = io.BytesIO()
+            picture.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
+            thumbnails[image_id] = buffer.getvalue()
+        return Response(thumbnails[image_id], media_type="image/jpeg")
+
+    @guarded.get("/explain/{image_id}", responses={200: {"content": {"image/png": {}}}})
+    def explain(
+        image_id: int,
+        q: Annotated[str, Query(min_length=1, description="the caption to explain")],
+        format: Literal["png", "json"] = "png",
+    ) -> Response:
+        """Each word's attention over the image's regions at every level."""
+        _check_query(q, cfg)
+        try:
+            explanation = index.explain(image_id, q)
+        except KeyError as err:
+            raise HTTPException(404, f"no image with id {image_id}") from err
+        if format == "json":
+            return JSONResponse(explanation.to_dict())
+        return Response(render_png(explanation), media_type="image/png")
+
+    app.include_router(guarded)
+    return app
+
+
+def serve(index: Index, cfg: ServeConfig = ServeConfig()) -> None:
+    """Run the web app with uvicorn on ``cfg.host:cfg.port`` until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(index, cfg), host=cfg.host, port=cfg.port, log_level="info")
