@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import torch
-from hat.data import CaptionTokenizer, generate_scenes, load_records, select_split
 
 from hat.checkpoint import resolve_model
 from hat.config import apply_overrides, get_preset
+from hat.data import CaptionTokenizer, generate_scenes, load_records, select_split
 from hat.evaluate import evaluate
 from hat.train import Trainer
 

@@ -1,4 +1,5 @@
-"""The built-in demo: generated scenes -> train the ``cpu`` preset -> evaluate -> queries.
+"""The built-in demo: generated scenes -> train the ``cpu`` preset -> evaluate -> index
+the test images and search them.
 
 Runs offline on a CPU. Re-running continues (or reuses) the run already in the
 output folder instead of starting over.
@@ -7,14 +8,14 @@ output folder instead of starting over.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
-
-import torch
 
 from hat.checkpoint import resolve_model, save_model
 from hat.config import apply_overrides, get_preset
 from hat.data import CaptionTokenizer, generate_scenes, load_records, select_split
-from hat.evaluate import encode_captions, encode_images, evaluate, format_report, score_all
+from hat.evaluate import evaluate, format_report
+from hat.index import Index
 from hat.train import Trainer, pick_device
 
 __all__ = ["DEMO_QUERIES", "run_demo"]
@@ -55,21 +56,31 @@ def run_demo(
     print(format_report(report))
     (out / "test_metrics.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
 
-    print(f"[4/4] example text queries against the {len(test)} test images")
-    step = max(1, len(test) // DEMO_QUERIES)
-    targets = test[::step][:DEMO_QUERIES]
-    queries = [r.captions[0] for r in targets]
-    images = encode_images(model, test, cfg.train.eval_batch_size, dev, progress=False)
-    texts = encode_captions(model, queries, tokenizer, len(queries), dev, progress=False)
-    scores = score_all(model.config, images, texts, dev).total  # (N, Q)
-    for q, (query, target) in enumerate(zip(queries, targets)):
-        column = scores[:, q]  # (N,)
-        top = torch.topk(column, k=min(TOP_K, len(test)))
-        target_index = test.index(target)
-        target_rank = int((column > column[target_index]).sum()) + 1
-        print(f'\n  "{query}"  (written for {target.path.name}, which ranks #{target_rank})')
-        for rank, (value, index) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
-            mark = "  <- the image it was written for" if index == target_index else ""
-            print(f"    {rank + 1}. {test[index].path}  score {value:.3f}{mark}")
+    print(f"[4/4] indexing the {len(test)} test images, then searching them by text")
+    index_dir = out / "index"
+    shutil.rmtree(index_dir, ignore_errors=True)  # the model may have changed since
+    captions = out / "test_captions.jsonl"
+    captions.write_text(
+        "".join(
+            json.dumps({"caption": c, "image": str(r.path)}) + "\n"
+            for r in test
+            for c in r.captions
+        )
+    )
+    Index.create(index_dir, out / "model").close()
+    with Index.open(index_dir, device=dev, writable=True) as index:
+        index.add_images(*[r.path for r in test], progress=False)
+        index.add_captions(captions, progress=False)
+        step = max(1, len(test) // DEMO_QUERIES)
+        for target in test[::step][:DEMO_QUERIES]:
+            query = target.captions[0]
+            ranking = [h.path for h in index.search_text(query, k=len(test), exhaustive=True)]
+            target_rank = ranking.index(str(target.path.resolve())) + 1
+            print(f'\n  "{query}"  (written for {target.path.name}, which ranks #{target_rank})')
+            for rank, hit in enumerate(index.search_text(query, k=TOP_K), start=1):
+                mark = "  <- the image it was written for" if rank == target_rank else ""
+                print(f"    {rank}. {hit.path}  score {hit.score:.3f}{mark}")
     print(f"\nmodel directory: {out / 'model'}   metrics: {out / 'test_metrics.json'}")
+    print(f'index: {index_dir}  try:  hat search {index_dir} "{test[0].captions[0]}"')
+    print(f"                        hat serve {index_dir}   (then open http://127.0.0.1:8000/)")
     return report.metrics["hat"]

@@ -23,6 +23,7 @@ from fastapi import (
     File,
     Form,
     HTTPException,
+    Path,
     Query,
     Request,
     UploadFile,
@@ -39,6 +40,8 @@ from hat.index import Hit, Index
 __all__ = ["create_app", "serve"]
 
 UPLOAD_CHUNK = 2**16
+MAX_ID = 2**63 - 1  # SQLite's integer range
+ImageId = Annotated[int, Path(ge=1, le=MAX_ID, description="an image id from a search result")]
 THUMBNAIL_QUALITY = 85
 
 
@@ -164,7 +167,7 @@ def create_app(index: Index, cfg: ServeConfig = ServeConfig()) -> FastAPI:
         return _hits(index.search_image(image, k, exhaustive), started)
 
     @guarded.get("/images/{image_id}", responses={200: {"content": {"image/jpeg": {}}}})
-    def image(image_id: int) -> Response:
+    def image(image_id: ImageId) -> Response:
         """A JPEG thumbnail of an indexed image, by id."""
         if image_id not in thumbnails:
             try:
@@ -181,7 +184,7 @@ def create_app(index: Index, cfg: ServeConfig = ServeConfig()) -> FastAPI:
 
     @guarded.get("/explain/{image_id}", responses={200: {"content": {"image/png": {}}}})
     def explain(
-        image_id: int,
+        image_id: ImageId,
         q: Annotated[str, Query(min_length=1, description="the caption to explain")],
         format: Literal["png", "json"] = "png",
     ) -> Response:

@@ -55,6 +55,7 @@ WRITER_LOCK = "writer.lock"
 KINDS = ("image", "caption")
 Kind = Literal["image", "caption"]
 STORAGE_DTYPE = np.float16
+SQLITE_MAX_INT = 2**63 - 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -158,6 +159,10 @@ class SegmentArrays:
 
     def __len__(self) -> int:
         return self.global_embedding.shape[0]
+
+
+def _is_row_id(value: int) -> bool:
+    return 0 < value <= SQLITE_MAX_INT
 
 
 def _fsync_dir(path: Path) -> None:
@@ -383,7 +388,8 @@ class IndexStore:
 
     # -- rows --------------------------------------------------------------------
     def image_rows(self, ids: Sequence[int]) -> dict[int, dict]:
-        """Metadata of images by id."""
+        """Metadata of images by id (ids that cannot exist are simply absent)."""
+        ids = [i for i in ids if _is_row_id(i)]
         marks = ",".join("?" * len(ids))
         cur = self.db.execute(
             "SELECT id, path, sha256, bytes, width, height, added FROM images "
@@ -394,7 +400,8 @@ class IndexStore:
         return {row[0]: dict(zip(keys, row)) for row in cur}
 
     def caption_rows(self, ids: Sequence[int]) -> dict[int, dict]:
-        """Metadata of captions by id."""
+        """Metadata of captions by id (ids that cannot exist are simply absent)."""
+        ids = [i for i in ids if _is_row_id(i)]
         marks = ",".join("?" * len(ids))
         cur = self.db.execute(
             f"SELECT id, text, image_path, added FROM captions WHERE id IN ({marks})", list(ids)
