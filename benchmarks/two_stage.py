@@ -10,6 +10,7 @@ number of exact pair scores computed and the wall time of the scoring stage.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 
 from hat.checkpoint import load_model
 from hat.config import DataConfig, RetrievalConfig
-from hat.data import CaptionTokenizer, load_records, select_split
+from hat.data import CaptionTokenizer, generate_scenes, load_records, select_split
 from hat.evaluate import (
     RECALL_KEYS,
     encode_captions,
@@ -28,18 +29,30 @@ from hat.evaluate import (
 from hat.metrics import retrieval_metrics
 from hat.search import two_stage_similarity
 
+SCENE_SIZE = 96  # as the demo's scenes
+GALLERY_SEED = 12345  # not the demo's seed: scenes the model never saw
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--demo", default="runs/demo")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    parser.add_argument(
+        "--gallery", type=int, default=0,
+        help="instead of the demo's test split, a fresh gallery of this many generated scenes",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=GALLERY_SEED, help="seed of that gallery")
     args = parser.parse_args()
     demo = Path(args.demo)
     device = torch.device("cpu")
     model = load_model(demo / "model")
-    data = DataConfig(
-        annotations=str(demo / "data" / "dataset_synth.json"), image_root=str(demo / "data")
-    )
+    scenes = demo / "data"
+    if args.gallery:
+        scenes = Path(tempfile.mkdtemp(prefix="hat-gallery-"))
+        generate_scenes(
+            scenes, n_train=0, n_val=0, n_test=args.gallery, image_size=SCENE_SIZE, seed=args.seed
+        )
+    data = DataConfig(annotations=str(scenes / "dataset_synth.json"), image_root=str(scenes))
     test = select_split(load_records(data), "test")
     captions = [c for r in test for c in r.captions[:5]]
     tokenizer = CaptionTokenizer.from_config(model.config.text)

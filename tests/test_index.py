@@ -217,6 +217,21 @@ def test_kill_during_add_keeps_previous_content_and_a_rerun_completes(
         assert len(index.search_text("a shape", k=SCENES)) == SCENES
 
 
+def test_readers_search_while_a_writer_adds(tmp_path, collection, images_copy):
+    Index.create(tmp_path / "index", collection["model"]).close()
+    reader = Index.open(tmp_path / "index")
+    writer = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "index"),
+                               str(images_copy)])  # fmt: skip
+    seen = []
+    while writer.poll() is None:
+        seen.append(len(reader.search_text("a shape", k=SCENES)))
+    assert writer.wait() == 0
+    seen.append(len(reader.search_text("a shape", k=SCENES)))
+    assert seen == sorted(seen) and seen[-1] == SCENES
+    assert len(set(seen)) > 2  # the reader saw the index grow, commit by commit
+    reader.close()
+
+
 def test_cli_build_add_search_remove(tmp_path, collection, images_copy, capsys):
     out = tmp_path / "index"
     args = ["index", "build", str(collection["model"]), str(images_copy), "--out", str(out)]
@@ -237,3 +252,27 @@ def test_cli_build_add_search_remove(tmp_path, collection, images_copy, capsys):
     assert main(["search", str(out)]) == 2
     assert "either a text query or --image" in capsys.readouterr().err
     assert main(["index", "info", str(tmp_path)]) == 2
+
+
+def test_common_formats_found_recursively(tmp_path, collection):
+    source = sorted(collection["images"].glob("*.png"))
+    folder = tmp_path / "photos"
+    (folder / "deeper" / "still").mkdir(parents=True)
+    names = ["a.jpg", "b.JPEG", "c.webp", "d.bmp", "e.tiff", "deeper/f.tif", "deeper/still/g.png"]
+    for src, name in zip(source, names):
+        Image.open(src).convert("RGB").save(folder / name)
+    frames = [Image.open(s).convert("RGB") for s in source[-2:]]
+    frames[0].save(folder / "h.gif", save_all=True, append_images=frames[1:])
+    (folder / "notes.txt").write_text("not an image")
+    Index.create(tmp_path / "index", collection["model"]).close()
+    with Index.open(tmp_path / "index", writable=True) as index:
+        report = index.add_images(folder, progress=False)
+        assert (report.added, report.skipped) == (len(names) + 1, [])
+        paths = {Path(h.path).name for h in index.search_text("a shape", k=20, exhaustive=True)}
+    assert paths == {Path(n).name for n in names} | {"h.gif"}
+
+
+def test_python_api_entry_point(tmp_path, collection):
+    build(tmp_path, collection, collection["images"]).close()
+    hits = hat.Index.open(tmp_path / "index").search_text("a red circle", k=2)
+    assert len(hits) == 2 and all(Path(h.path).is_file() for h in hits)

@@ -5,6 +5,9 @@ Quick start::
     import hat
     model = hat.create_model("tiny")
     scores = model(images, input_ids, attention_mask)  # Scores(levels (K, N, M), total (N, M))
+
+    index = hat.Index.open("photos.index")               # built by `hat index build`
+    hits = index.search_text("a dog on a beach", k=10)   # [Hit(id, score, level_scores, path)]
 """
 
 import os
@@ -15,6 +18,7 @@ from hat.model import HAT, ImageFeatures, Scores, TextFeatures, create_model, li
 __all__ = [
     "HAT",
     "ExperimentConfig",
+    "Index",
     "ImageFeatures",
     "ModelConfig",
     "Scores",
@@ -33,3 +37,12 @@ def load_model(model_dir: str | os.PathLike, device: str = "cpu") -> HAT:
     from hat.checkpoint import load_model as _load
 
     return _load(model_dir, device)
+
+
+def __getattr__(name: str):
+    # The index pulls in faiss and SQLite; import it only when asked for.
+    if name == "Index":
+        from hat.index import Index
+
+        return Index
+    raise AttributeError(f"module 'hat' has no attribute {name!r}")

@@ -55,7 +55,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from hat import distributed
     from hat.config import apply_overrides, load_config
-    from hat.train import Trainer
+    from hat.train import Trainer, TrainingDiverged, TrainingInterrupted
 
     run = Path(args.run)
     if args.resume:
@@ -66,6 +66,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         summary = Trainer(cfg, run, device=args.device, resume=args.resume).fit()
         if distributed.is_main_process():
             print(json.dumps(summary, indent=2))
+    except TrainingInterrupted as stop:
+        print(f"hat: {stop}", file=sys.stderr)
+        # The shell's status for "killed by this signal": the run is not finished.
+        return 128 + stop.signal_number
+    except TrainingDiverged as err:
+        print(f"hat: error: {err}", file=sys.stderr)
+        return 2
     finally:
         distributed.teardown()
     return 0
@@ -138,27 +145,46 @@ def _index_config(overrides: Sequence[str]):
 def _cmd_index_build(args: argparse.Namespace) -> int:
     from hat.index import Index
 
-    cfg = _index_config(args.overrides)
-    with Index.create(args.out, args.model, cfg, device=args.device or "cpu") as index:
-        report = index.add_images(*args.images)
-        if args.captions:
-            report.captions = index.add_captions(args.captions)
-        print(report.summary())
-        info = index.info()
-    print(f"index {info['path']}: {info['images']} images, {info['captions']} captions, "
-          f"{info['bytes_on_disk'] / 2**20:.1f} MiB")  # fmt: skip
-    return 0
+    def create(cfg, device) -> None:
+        Index.create(args.out, args.model, cfg, device=device).close()
+
+    return _index_images(args, args.out, create)
 
 
 def _cmd_index_add(args: argparse.Namespace) -> int:
+    return _index_images(args, args.index, None)
+
+
+def _index_images(args: argparse.Namespace, root: str, create) -> int:
+    """Create (with ``create``) or open an index and add images and captions to it.
+
+    Under ``torchrun`` every rank reads and encodes a share of the images and rank 0
+    writes; captions are encoded by rank 0 alone.
+    """
+    import torch
+
+    from hat import distributed
     from hat.index import AddReport, Index
 
     cfg = _index_config(args.overrides)
-    with Index.open(args.index, cfg=cfg, device=args.device or "cpu", writable=True) as index:
-        report = index.add_images(*args.images) if args.images else AddReport()
-        if args.captions:
-            report.captions = index.add_captions(args.captions)
-        print(report.summary())
+    device = distributed.init_from_env(torch.device(args.device or "cpu"))
+    main = distributed.is_main_process()
+    try:
+        if main and create is not None:
+            create(cfg, device)
+        distributed.barrier()
+        with Index.open(root, cfg=cfg, device=device, writable=main) as index:
+            report = index.add_images(*args.images) if args.images else AddReport()
+            if main and args.captions:
+                report.captions = index.add_captions(args.captions)
+            if main:
+                print(report.summary())
+                info = index.info()
+                size = info["bytes_on_disk"] / 2**20
+                print(f"index {info['path']}: {info['images']} images, "
+                      f"{info['captions']} captions, {size:.1f} MiB")  # fmt: skip
+    finally:
+        distributed.teardown()
     return 0
 
 

@@ -12,12 +12,13 @@ from hat.data.records import (
 )
 from hat.data.synth import generate_scenes
 from hat.data.tokenize import CaptionTokenizer
-from hat.data.transforms import build_transform, load_image
+from hat.data.transforms import ImageError, build_transform, load_image
 
 __all__ = [
     "CaptionTokenizer",
     "DataError",
     "ImageDataset",
+    "ImageError",
     "ImageRecord",
     "PairCollator",
     "PairDataset",

@@ -2,10 +2,20 @@
 
 Shape legend: ``B`` batch, ``L`` tokens, ``H``/``W`` image height/width. Everything
 here is picklable, for DataLoader workers.
+
+Bad images met while iterating (missing, empty, truncated, not an image, too large:
+see :func:`~hat.data.transforms.load_image`) raise an :class:`ImageError` naming the
+file and the record (``image_id``) and the dataset item. With ``skip_bad=True`` the
+dataset logs a warning and returns ``None`` for that item instead; the collators
+leave ``None`` items out and report how many they left out under ``"skipped"`` in
+the batch (a 0-d int64 tensor), so that a caller can sum and log the count whatever
+the number of DataLoader workers. A batch whose items were all bad has ``B = 0``;
+callers skip it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -14,65 +24,126 @@ from torch.utils.data import Dataset
 
 from hat.data.records import ImageRecord
 from hat.data.tokenize import CaptionTokenizer
-from hat.data.transforms import load_image
+from hat.data.transforms import ImageError, load_image
 
 __all__ = ["ImageDataset", "PairCollator", "PairDataset", "image_collate"]
 
+_log = logging.getLogger(__name__)
+
+PairItem = tuple[Tensor, str, int]
+ImageItem = tuple[Tensor, int]
+
+
+def _load(record: ImageRecord, transform: Callable, index: int, skip_bad: bool) -> Tensor | None:
+    """The transformed image of ``record``; ``None`` for a bad image when ``skip_bad``."""
+    try:
+        image = load_image(record.path)
+    except ImageError as err:
+        message = f"{err} (record image_id={record.image_id!r}, dataset item {index})"
+        if not skip_bad:
+            raise ImageError(message) from err
+        _log.warning("skipping a bad image: %s", message)
+        return None
+    return transform(image)
+
+
+def _skipped(count: int) -> Tensor:
+    return torch.tensor(count, dtype=torch.long)
+
 
 class PairDataset(Dataset):
-    """One item per (image, caption) pair: ``(image (3, H, W), caption, image_index)``."""
+    """One item per (image, caption) pair: ``(image (3, H, W), caption, image_index)``.
 
-    def __init__(self, records: Sequence[ImageRecord], transform: Callable) -> None:
+    With ``skip_bad``, an item whose image cannot be read is ``None`` (see the module
+    docstring); otherwise it raises :class:`ImageError` naming the file and record.
+    """
+
+    def __init__(
+        self, records: Sequence[ImageRecord], transform: Callable, skip_bad: bool = False
+    ) -> None:
         self.records = list(records)
         self.transform = transform
+        self.skip_bad = skip_bad
         self.pairs = [(i, j) for i, r in enumerate(self.records) for j in range(len(r.captions))]
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, str, int]:
+    def __getitem__(self, index: int) -> PairItem | None:
         image_index, caption_index = self.pairs[index]
         record = self.records[image_index]
-        image = self.transform(load_image(record.path))
+        image = _load(record, self.transform, index, self.skip_bad)
+        if image is None:
+            return None
         return image, record.captions[caption_index], image_index
 
 
 class ImageDataset(Dataset):
-    """One item per image: ``(image (3, H, W), image_index)``, for encoding each image once."""
+    """One item per image: ``(image (3, H, W), image_index)``, for encoding each image once.
 
-    def __init__(self, records: Sequence[ImageRecord], transform: Callable) -> None:
+    With ``skip_bad``, an item whose image cannot be read is ``None``; the batch's
+    ``image_index`` then says which images are present.
+    """
+
+    def __init__(
+        self, records: Sequence[ImageRecord], transform: Callable, skip_bad: bool = False
+    ) -> None:
         self.records = list(records)
         self.transform = transform
+        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.transform(load_image(self.records[index].path)), index
+    def __getitem__(self, index: int) -> ImageItem | None:
+        image = _load(self.records[index], self.transform, index, self.skip_bad)
+        return None if image is None else (image, index)
 
 
 class PairCollator:
     """Pair items -> ``{"images" (B, 3, H, W), "input_ids" (B, L), "attention_mask" (B, L),
-    "image_index" (B,)}``."""
+    "image_index" (B,), "skipped" ()}``; ``None`` items are left out and counted."""
 
     def __init__(self, tokenizer: CaptionTokenizer) -> None:
         self.tokenizer = tokenizer
 
-    def __call__(self, items: list[tuple[Tensor, str, int]]) -> dict[str, Tensor]:
-        images, captions, indices = zip(*items)
+    def __call__(self, items: list[PairItem | None]) -> dict[str, Tensor]:
+        kept = [item for item in items if item is not None]
+        skipped = _skipped(len(items) - len(kept))
+        if not kept:
+            empty_tokens = torch.zeros(0, 0, dtype=torch.long)
+            return {
+                "images": torch.zeros(0, 3, 0, 0),
+                "input_ids": empty_tokens,
+                "attention_mask": empty_tokens.clone(),
+                "image_index": torch.zeros(0, dtype=torch.long),
+                "skipped": skipped,
+            }
+        images, captions, indices = zip(*kept)
         tokens = self.tokenizer(captions)
         return {
             "images": torch.stack(images),  # (B, 3, H, W)
             "input_ids": tokens["input_ids"],  # (B, L)
             "attention_mask": tokens["attention_mask"],  # (B, L)
             "image_index": torch.tensor(indices, dtype=torch.long),  # (B,)
+            "skipped": skipped,  # ()
         }
 
 
-def image_collate(items: list[tuple[Tensor, int]]) -> dict[str, Tensor]:
-    """Image items -> ``{"images" (B, 3, H, W), "image_index" (B,)}``."""
-    images, indices = zip(*items)
+def image_collate(items: list[ImageItem | None]) -> dict[str, Tensor]:
+    """Image items -> ``{"images" (B, 3, H, W), "image_index" (B,), "skipped" ()}``;
+    ``None`` items are left out and counted."""
+    kept = [item for item in items if item is not None]
+    skipped = _skipped(len(items) - len(kept))
+    if not kept:
+        return {
+            "images": torch.zeros(0, 3, 0, 0),
+            "image_index": torch.zeros(0, dtype=torch.long),
+            "skipped": skipped,
+        }
+    images, indices = zip(*kept)
     return {
         "images": torch.stack(images),  # (B, 3, H, W)
         "image_index": torch.tensor(indices, dtype=torch.long),  # (B,)
+        "skipped": skipped,  # ()
     }

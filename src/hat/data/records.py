@@ -3,18 +3,28 @@
 Formats: the Karpathy split files of Flickr30K / MSCOCO / Flickr8K (spec section 4),
 and custom data as a folder of images plus a JSONL or CSV captions file. Every bad
 input raises :class:`DataError` naming the file and the entry (image index, line
-number, field). With ``skip_bad`` a bad entry is logged and left out instead; a bad
-file (missing, not UTF-8, not JSON, wrong header) is always an error.
+number, field). With ``skip_bad`` a bad entry is logged and left out instead, and
+the number left out is logged per file; a bad file (missing, UTF-16, not JSON,
+wrong header) is always an error.
+
+Bad entries: missing or mistyped fields, an empty or whitespace-only caption, a
+caption longer than :data:`MAX_CAPTION_CHARS` characters (most often a CSV quote
+left open, which swallows the rows after it), text that is not valid UTF-8, a
+malformed JSONL line or CSV row. Captions within the limit are kept whole; the
+tokenizer truncates them to the text tower's ``max_length`` tokens. A UTF-8
+byte-order mark is accepted.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import logging
 import math
 import random
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +33,7 @@ from typing import Any, TypeVar
 from hat.config import DataConfig
 
 __all__ = [
+    "MAX_CAPTION_CHARS",
     "RESTVAL",
     "SPLITS",
     "DataError",
@@ -38,6 +49,12 @@ SPLITS = ("train", "val", "test")
 RESTVAL = "restval"  # MSCOCO's extra training images in the Karpathy split
 DEFAULT_SPLIT_RATIOS = DataConfig.split_ratios  # the one home of the default
 CSV_COLUMNS = ("image", "caption")  # required; "split" is optional
+MAX_CAPTION_CHARS = 4096  # longer captions are rejected as bad entries
+MAX_LOGGED_SKIPS = 20  # bad entries logged one by one per file; the rest only counted
+UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+# Bytes that are not UTF-8 decode, with "surrogateescape", to these lone surrogates,
+# so that one bad entry does not make the whole file unreadable.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -66,31 +83,55 @@ class ImageRecord:
 
 
 def _read_text(path: Path) -> str:
-    """The file's text; a UTF-8 byte-order mark is dropped."""
+    """The file's text; a UTF-8 byte-order mark is dropped.
+
+    Bytes that are not UTF-8 become lone surrogates (``surrogateescape``), which
+    :func:`_check_utf8` rejects in the entry that holds them.
+    """
     try:
         data = path.read_bytes()
     except FileNotFoundError as err:
         raise DataError(f"{path}: file not found") from err
     except OSError as err:
         raise DataError(f"{path}: cannot read: {err}") from err
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line}: not valid UTF-8 (byte {err.start})") from err
+    if data.startswith(UTF16_BOMS):
+        raise DataError(f"{path}: the file is UTF-16 text; save it as UTF-8")
+    return data.decode("utf-8-sig", errors="surrogateescape")
 
 
-def _keep_good(entries: Iterable[_T], parse: Callable[[_T], _R], skip_bad: bool) -> list[_R]:
-    """``parse`` each entry; with ``skip_bad`` a :class:`DataError` is logged and skipped."""
-    kept = []
+def _check_utf8(text: str, where: str) -> None:
+    """Reject text holding bytes that were not UTF-8 (see :func:`_read_text`)."""
+    found = _ESCAPED_BYTE.search(text)
+    if found:
+        raise DataError(f"{where}: not valid UTF-8 (character {found.start() + 1})")
+
+
+def _keep_good(
+    entries: Iterable[_T], parse: Callable[[_T], _R], skip_bad: bool, source: Path
+) -> list[_R]:
+    """``parse`` each entry; with ``skip_bad`` a :class:`DataError` is skipped.
+
+    The first :data:`MAX_LOGGED_SKIPS` skipped entries of ``source`` are logged as
+    warnings, then the number skipped.
+    """
+    kept, skipped = [], 0
     for entry in entries:
         try:
             kept.append(parse(entry))
         except DataError as err:
             if not skip_bad:
                 raise
-            _log.warning("skipping a bad entry: %s", err)
+            skipped += 1
+            if skipped <= MAX_LOGGED_SKIPS:
+                _log.warning("skipping a bad entry: %s", err)
+    if skipped:
+        _log.warning("%s: skipped %d bad entries (data.skip_bad)", source, skipped)
     return kept
+
+
+def _json_ended_early(err: json.JSONDecodeError) -> bool:
+    """Whether the JSON text stopped before the document did (a cut file)."""
+    return err.pos >= len(err.doc.rstrip()) or err.msg.startswith("Unterminated string")
 
 
 def _check_count(captions_per_image: int) -> None:
@@ -101,9 +142,15 @@ def _check_count(captions_per_image: int) -> None:
 def _clean_caption(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise DataError(f"{where}: caption must be a string, got {type(value).__name__}")
+    _check_utf8(value, where)
     text = value.strip()
     if not text:
         raise DataError(f"{where}: empty caption")
+    if len(text) > MAX_CAPTION_CHARS:
+        raise DataError(
+            f"{where}: caption of {len(text)} characters, limit {MAX_CAPTION_CHARS} "
+            "(an unclosed quote in a CSV file?)"
+        )
     return text
 
 
@@ -113,6 +160,7 @@ def _string_field(item: dict[str, Any], key: str, where: str) -> str:
     value = item[key]
     if not isinstance(value, str) or not value.strip():
         raise DataError(f'{where}: "{key}" must be a non-empty string, got {value!r}')
+    _check_utf8(value, f'{where}: "{key}"')
     return value.strip()
 
 
@@ -135,7 +183,11 @@ def read_karpathy(
     try:
         data = json.loads(_read_text(json_path))
     except json.JSONDecodeError as err:
-        raise DataError(f"{json_path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+        incomplete = " (the file is incomplete)" if _json_ended_early(err) else ""
+        raise DataError(
+            f"{json_path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}"
+            + incomplete
+        ) from err
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f'{json_path}: expected an object with an "images" list')
 
@@ -169,7 +221,7 @@ def read_karpathy(
         image_id = str(image.get("cocoid", image.get("imgid", index)))
         return ImageRecord(image_id, folder / filename, tuple(captions), split)
 
-    return _keep_good(enumerate(data["images"]), parse, skip_bad)
+    return _keep_good(enumerate(data["images"]), parse, skip_bad, json_path)
 
 
 @dataclass(frozen=True)
@@ -185,6 +237,7 @@ class _Row:
 def _relative_image(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise DataError(f'{where}: "image" must be a non-empty relative path, got {value!r}')
+    _check_utf8(value, f'{where}: "image"')
     path = Path(value.strip())
     if path.is_absolute() or ".." in path.parts:
         raise DataError(f"{where}: image path {value!r} must be relative to the image root")
@@ -251,7 +304,7 @@ def _group_rows(
         splits[row.image] = row.split
         captions.setdefault(row.image, []).extend(row.captions)
 
-    _keep_good(rows, add, skip_bad)  # a row contradicting an earlier split is bad
+    _keep_good(rows, add, skip_bad, path)  # a row contradicting an earlier split is bad
     if not captions:
         raise DataError(f"{path}: no captions")
     named = sum(split is not None for split in splits.values())
@@ -282,14 +335,15 @@ def read_jsonl(
     path = Path(path)
     _check_count(captions_per_image)
     lines = [
-        (number, line)
-        for number, line in enumerate(_read_text(path).splitlines(), start=1)
+        (number, line)  # only "\n" ends a line: JSON strings may hold U+2028 and the like
+        for number, line in enumerate(_read_text(path).split("\n"), start=1)
         if line.strip()
     ]
 
     def parse(entry: tuple[int, str]) -> _Row:
         number, line = entry
         where = f"{path}: line {number}"
+        _check_utf8(line, where)
         try:
             item = json.loads(line)
         except json.JSONDecodeError as err:
@@ -303,7 +357,7 @@ def read_jsonl(
         cleaned = [_clean_caption(c, f"{where}: captions[{i}]") for i, c in enumerate(caps)]
         return _Row(image, cleaned, _optional_split(item.get("split"), where), where)
 
-    rows = _keep_good(lines, parse, skip_bad)
+    rows = _keep_good(lines, parse, skip_bad, path)
     return _group_rows(
         path, rows, Path(image_root), captions_per_image, split_ratios, split_seed, skip_bad
     )
@@ -335,27 +389,35 @@ def read_csv(
         raise DataError(f"{path}: header must be image,caption[,split]; missing {missing}")
     reader.fieldnames = fields
 
-    def numbered_rows() -> Iterator[tuple[int, dict[str, Any]]]:
+    def numbered_rows() -> Iterator[tuple[int, dict[str, Any] | DataError]]:
+        """Rows with their last line number; a row the CSV reader rejects is a
+        DataError entry (the reader goes on with the next line)."""
         while True:
+            last = reader.line_num
             try:
                 row = next(reader)
             except StopIteration:
                 return
             except csv.Error as err:
-                raise DataError(f"{path}: line {reader.line_num}: malformed CSV: {err}") from err
+                yield last + 1, DataError(f"{path}: after line {last}: malformed CSV: {err}")
+                continue
             yield reader.line_num, row
 
-    def parse(entry: tuple[int, dict[str, Any]]) -> _Row:
+    def parse(entry: tuple[int, dict[str, Any] | DataError]) -> _Row:
         number, row = entry
+        if isinstance(row, DataError):
+            raise row
         where = f"{path}: line {number}"
         if None in row or any(v is None for v in row.values()):
             raise DataError(f"{where}: expected {len(fields)} columns")
+        for column, value in row.items():
+            _check_utf8(value, f"{where}: column {column}")
         image = _relative_image(row["image"], where)
         caption = _clean_caption(row["caption"], where)
         split = (row.get("split") or "").strip() or None
         return _Row(image, [caption], split, where)
 
-    rows = _keep_good(numbered_rows(), parse, skip_bad)
+    rows = _keep_good(numbered_rows(), parse, skip_bad, path)
     return _group_rows(
         path, rows, Path(image_root), captions_per_image, split_ratios, split_seed, skip_bad
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from hat import distributed
 from hat.checkpoint import model_fingerprint, resolve_model
 from hat.config import IndexConfig
 from hat.data import CaptionTokenizer, DataError, build_transform, load_image
 from hat.explain import Explanation, caption_tokens, explain_features, model_view
 from hat.index.reader import (
     CaptionEntry,
+    ImageFile,
     ImageFileDataset,
     collate_image_files,
     find_images,
@@ -215,10 +218,17 @@ class Index:
         skipped without reading; one whose content hash is unchanged is only
         re-stamped; others are (re-)encoded. Unreadable files are reported and left
         out.
+
+        Under ``torchrun`` every process calls this with the same ``roots``: each
+        ``commit_every`` files are dealt out to the ranks in whole batches, each rank
+        reads and encodes its share, and rank 0 (the only one that opened the index
+        writable) gathers and commits them in file order, giving the same index as
+        one process.
         """
+        main = distributed.is_main_process()
         report = AddReport()
         files = find_images(*roots)
-        with self.store.writer():
+        with self.store.writer() if main else nullcontext():
             known = self.store.images_by_path()
             todo = []
             for f in files:
@@ -227,49 +237,68 @@ class Index:
                     report.unchanged += 1
                 else:
                     todo.append(f)
-            dataset = ImageFileDataset(
-                todo,
-                build_transform(self.model.config.image, train=False),
-                {p: known[p][1] for p in (f.path for f in todo) if p in known},
+            bar = tqdm(
+                total=len(todo), desc="index images", unit="img", disable=not (progress and main)
             )
-            loader = DataLoader(
-                dataset,
-                batch_size=self.cfg.batch_size,
-                num_workers=self.cfg.num_workers,
-                collate_fn=collate_image_files,
-            )
-            pending: list[tuple[dict, ImageFeatures]] = []
-            bar = tqdm(total=len(todo), desc="index images", unit="img", disable=not progress)
-            for batch in loader:
-                bar.update(len(batch["decoded"]) + len(batch["unchanged"]) + len(batch["errors"]))
-                report.skipped.extend(batch["errors"])
-                self.store.touch_images(
-                    [(it["file"].mtime_ns, known[it["file"].path][0]) for it in batch["unchanged"]]
+            step, batch = self.cfg.commit_every, self.cfg.batch_size
+            for first in range(0, len(todo), step):
+                chunk = todo[first : first + step]
+                lo, hi = distributed.shard_bounds(
+                    len(chunk), batch, distributed.rank(), distributed.world_size()
                 )
-                report.unchanged += len(batch["unchanged"])
-                if batch["images"] is None:
-                    continue
-                feats = self.model.encode_image(batch["images"].to(self.device)).to("cpu")
-                for i, item in enumerate(batch["decoded"]):
-                    pending.append((item, feats[i : i + 1]))
-                if len(pending) >= self.cfg.commit_every:
-                    self._commit_images(pending, known, report)
-                    pending = []
+                shares = distributed.gather_objects(self._encode_files(chunk[lo:hi], known))
+                bar.update(len(chunk))
+                if main:
+                    self._commit_chunk(shares, known, report)
             bar.close()
-            if pending:
-                self._commit_images(pending, known, report)
-            self._rebuild_faiss("image")
+            if main:
+                self._rebuild_faiss("image")
+        distributed.barrier()
         for path, why in report.skipped:
             log.warning("skipped %s: %s", path, why)
         return report
 
-    def _commit_images(
-        self, pending: list[tuple[dict, ImageFeatures]], known: dict, report: AddReport
-    ) -> None:
-        feats = ImageFeatures.cat([f for _, f in pending])
+    def _encode_files(self, files: Sequence[ImageFile], known: dict) -> dict[str, list]:
+        """Read, hash, decode and encode ``files``: ``decoded`` (metadata with the
+        float16 level arrays and the global embedding), ``unchanged``, ``errors``."""
+        dataset = ImageFileDataset(
+            files,
+            build_transform(self.model.config.image, train=False),
+            {f.path: known[f.path][1] for f in files if f.path in known},
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=self.cfg.batch_size,
+            num_workers=self.cfg.num_workers,
+            collate_fn=collate_image_files,
+        )
+        out: dict[str, list] = {"decoded": [], "unchanged": [], "errors": []}
+        for batch in loader:
+            out["unchanged"].extend(batch["unchanged"])
+            out["errors"].extend(batch["errors"])
+            if batch["images"] is None:
+                continue
+            feats = self.model.encode_image(batch["images"].to(self.device)).to("cpu")
+            levels = [t.to(torch.float16).numpy() for t in feats.levels]  # (B, T_k, d) each
+            glob = feats.global_embedding.float().numpy()  # (B, g)
+            for i, item in enumerate(batch["decoded"]):
+                out["decoded"].append({**item, "levels": [t[i] for t in levels], "global": glob[i]})
+        return out
+
+    def _commit_chunk(self, shares: list[dict[str, list]], known: dict, report: AddReport) -> None:
+        """Rank 0: record what every rank read for one chunk, in file order."""
+        unchanged = [it for share in shares for it in share["unchanged"]]
+        self.store.touch_images(
+            [(it["file"].mtime_ns, known[it["file"].path][0]) for it in unchanged]
+        )
+        report.unchanged += len(unchanged)
+        report.skipped.extend(e for share in shares for e in share["errors"])
+        decoded = [it for share in shares for it in share["decoded"]]
+        if not decoded:
+            return
         arrays = SegmentArrays(
-            [t.to(torch.float16).numpy() for t in feats.levels],  # (n, T_k, d) each
-            feats.global_embedding.float().numpy(),  # (n, g)
+            [np.stack(level) for level in zip(*(it["levels"] for it in decoded))],  # (n, T_k, d)
+            np.stack([it["global"] for it in decoded]),  # (n, g)
         )
         rows = [
             {
@@ -280,7 +309,7 @@ class Index:
                 "width": it["width"],
                 "height": it["height"],
             }
-            for it, _ in pending
+            for it in decoded
         ]
         replaces = [known[r["path"]][0] for r in rows if r["path"] in known]
         self.store.commit_images(rows, arrays, replaces)
