@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hat.align import similarity
+from hat.align import paired_similarity, similarity
 
 LAMBDA = 9.0
 EPS = 1e-8
@@ -133,3 +133,14 @@ def test_bad_inputs_are_rejected() -> None:
         similarity(images, captions[..., :3], lengths)
     with pytest.raises(ValueError, match="direction"):
         similarity(images, captions, lengths, direction="both")
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_paired_similarity_is_the_diagonal(direction):
+    torch.manual_seed(3)
+    images = torch.randn(9, 12, 16, dtype=torch.float64)
+    captions = torch.randn(9, 7, 16, dtype=torch.float64)
+    lengths = torch.randint(1, 8, (9,))
+    full = similarity(images, captions, lengths, direction, 9.0)  # (9, 9)
+    paired = paired_similarity(images, captions, lengths, direction, 9.0)  # (9,)
+    assert torch.allclose(paired, full.diagonal(), atol=1e-12)

@@ -32,6 +32,8 @@ from torch import Tensor
 __all__ = [
     "DEFAULT_BLOCK_BYTES",
     "attention_maps",
+    "paired_similarity",
+    "pooled_embeddings",
     "EPS",
     "LEAKY_SLOPE",
     "pooled_similarity",
@@ -193,20 +195,71 @@ def similarity(
     return out
 
 
-def pooled_similarity(images: Tensor, captions: Tensor, caption_lengths: Tensor) -> Tensor:
-    """Baseline without cross-attention: cosine of mean-pooled tokens.
+def paired_similarity(
+    images: Tensor,
+    captions: Tensor,
+    caption_lengths: Tensor,
+    direction: Literal["i2t", "t2i"] = "i2t",
+    lambda_softmax: float = 9.0,
+) -> Tensor:
+    """HAT alignment score of image ``p`` with caption ``p`` for each of ``P`` pairs.
 
-    images ``(N, R, d)``, captions ``(M, L, d)`` with ``caption_lengths`` ``(M,)`` ->
-    ``(N, M)``. Padding is excluded from the caption mean.
+    The diagonal of :func:`similarity` without the off-diagonal work: images
+    ``(P, R, d)``, captions ``(P, L, d)`` with ``caption_lengths`` ``(P,)`` -> ``(P,)``.
+    For reranking shortlists, where each query meets a different set of candidates.
+    All products of a call come from two batched matrix multiplications.
     """
+    cdtype = _compute_dtype(images.dtype)
+    positions = torch.arange(captions.shape[1], device=captions.device)
+    word_mask = positions[None, :] < caption_lengths.to(captions.device)[:, None]  # (P, L)
+    captions = captions * word_mask[:, :, None].to(captions.dtype)  # zero padding
+    s = torch.bmm(images, captions.transpose(1, 2)).to(cdtype)  # (P, R, L)
+    a = F.leaky_relu(s, LEAKY_SLOPE)
+    mask = word_mask.to(cdtype)  # (P, L)
+    if direction == "i2t":
+        scale = lambda_softmax / (torch.linalg.vector_norm(a, dim=1, keepdim=True) + EPS)
+        bias = _padding_bias(word_mask, cdtype)[:, None, :]  # (P, 1, L)
+        alpha = torch.softmax(a * scale + bias, dim=2)  # (P, R, L), over words
+        numer = (alpha * s).sum(dim=2)  # (P, R)
+        gram = torch.bmm(captions, captions.transpose(1, 2)).to(cdtype)  # (P, L, L)
+        ctx_sq = (torch.bmm(alpha, gram) * alpha).sum(dim=2)  # (P, R)
+        q_norm = torch.linalg.vector_norm(images.to(cdtype), dim=2)  # (P, R)
+        cos = numer / (q_norm * ctx_sq.clamp_min(0).sqrt()).clamp_min(EPS)  # (P, R)
+        return cos.mean(dim=1)  # (P,)
+    a = a * mask[:, None, :]
+    a = a / (torch.linalg.vector_norm(a, dim=2, keepdim=True) + EPS)  # across words
+    alpha = torch.softmax(lambda_softmax * a, dim=1)  # (P, R, L), over regions
+    numer = (alpha * s).sum(dim=1)  # (P, L)
+    gram = torch.bmm(images, images.transpose(1, 2)).to(cdtype)  # (P, R, R)
+    ctx_sq = (torch.bmm(gram, alpha) * alpha).sum(dim=1)  # (P, L)
+    q_norm = torch.linalg.vector_norm(captions.to(cdtype), dim=2)  # (P, L)
+    cos = numer / (q_norm * ctx_sq.clamp_min(0).sqrt()).clamp_min(EPS)  # (P, L)
+    return (cos * mask).sum(dim=1) / mask.sum(dim=1)  # (P,)
+
+
+def pooled_embeddings(
+    images: Tensor, captions: Tensor, caption_lengths: Tensor
+) -> tuple[Tensor, Tensor]:
+    """l2-normalised mean tokens: images ``(N, R, d)`` -> ``(N, d)``; captions
+    ``(M, L, d)`` -> ``(M, d)`` with padding (``>= caption_lengths``) left out."""
     cdtype = _compute_dtype(images.dtype)
     positions = torch.arange(captions.shape[1], device=captions.device)
     mask = (positions[None, :] < caption_lengths.to(captions.device)[:, None]).to(cdtype)  # (M, L)
     image_mean = images.to(cdtype).mean(dim=1)  # (N, d)
     caption_mean = (captions.to(cdtype) * mask[:, :, None]).sum(dim=1) / mask.sum(
         dim=1, keepdim=True
-    )
-    return F.normalize(image_mean, dim=-1) @ F.normalize(caption_mean, dim=-1).T  # (N, M)
+    )  # (M, d)
+    return F.normalize(image_mean, dim=-1), F.normalize(caption_mean, dim=-1)
+
+
+def pooled_similarity(images: Tensor, captions: Tensor, caption_lengths: Tensor) -> Tensor:
+    """Baseline without cross-attention: cosine of mean-pooled tokens.
+
+    images ``(N, R, d)``, captions ``(M, L, d)`` with ``caption_lengths`` ``(M,)`` ->
+    ``(N, M)``. Padding is excluded from the caption mean.
+    """
+    image_mean, caption_mean = pooled_embeddings(images, captions, caption_lengths)
+    return image_mean @ caption_mean.T  # (N, M)
 
 
 def attention_maps(

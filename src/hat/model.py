@@ -26,6 +26,7 @@ __all__ = [
     "TextFeatures",
     "create_model",
     "list_models",
+    "paired_similarity",
     "similarity",
 ]
 
@@ -219,6 +220,21 @@ def similarity(
         [level_score(img, cap) for img, cap in zip(images.levels, captions.levels)]
     )  # (K, N, M)
     return Scores(levels=per_level, total=per_level.sum(dim=0))
+
+
+def paired_similarity(images: ImageFeatures, captions: TextFeatures, cfg: ModelConfig) -> Tensor:
+    """``(K, P)`` per-level scores of image ``p`` with caption ``p``, for ``P`` pairs
+    (the diagonal of :func:`similarity`, computed without the rest)."""
+
+    def level_score(img: Tensor, cap: Tensor) -> Tensor:
+        if cfg.alignment == "mean_pool":
+            image_mean, caption_mean = align.pooled_embeddings(img, cap, captions.lengths)
+            return (image_mean * caption_mean).sum(dim=-1)  # (P,)
+        return align.paired_similarity(
+            img, cap, captions.lengths, cfg.direction, cfg.lambda_softmax
+        )
+
+    return torch.stack([level_score(i, c) for i, c in zip(images.levels, captions.levels)])
 
 
 def list_models() -> list[str]:

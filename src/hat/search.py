@@ -13,11 +13,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hat.align import scoring_dtype
+from hat.align import DEFAULT_BLOCK_BYTES, scoring_dtype
 from hat.config import IndexConfig, ModelConfig, RetrievalConfig
-from hat.model import ImageFeatures, TextFeatures, similarity
+from hat.model import ImageFeatures, TextFeatures, paired_similarity
 
-__all__ = ["TwoStageScores", "global_index", "shortlist", "two_stage_similarity"]
+__all__ = [
+    "TwoStageScores",
+    "global_index",
+    "rerank_pairs",
+    "shortlist",
+    "two_stage_similarity",
+]
+
+FLOAT32_BYTES = 4
+# Tensors of a pair's size alive at once while scoring it (products, weights, Gram).
+LIVE_TEMPORARIES = 4
 
 
 def shortlist(queries: Tensor, gallery: Tensor, k: int) -> Tensor:
@@ -68,6 +78,42 @@ class TwoStageScores:
     pairs_scored: int
 
 
+def _pairs_per_chunk(images: ImageFeatures, captions: TextFeatures, budget: int) -> int:
+    """Pairs whose per-pair temporaries (products, weights and Gram matrices of every
+    level, in float32) fit in ``budget`` bytes."""
+    length = captions.levels[0].shape[1]
+    per_pair = sum(
+        (t.shape[1] * length + t.shape[1] ** 2 + length**2) * FLOAT32_BYTES * LIVE_TEMPORARIES
+        for t in images.levels
+    )
+    return max(1, budget // per_pair)
+
+
+@torch.no_grad()
+def rerank_pairs(
+    model_cfg: ModelConfig,
+    images: ImageFeatures,
+    captions: TextFeatures,
+    image_index: Tensor,
+    caption_index: Tensor,
+    device: torch.device,
+    retrieval: RetrievalConfig = RetrievalConfig(),
+) -> Tensor:
+    """HAT's exact summed score of each listed pair ``(image_index[p], caption_index[p])``:
+    ``(P,)`` float32 on the CPU, computed in chunks of pairs sized from
+    :data:`hat.align.DEFAULT_BLOCK_BYTES`."""
+    dtype = scoring_dtype(retrieval.compute_dtype, device)
+    out = torch.empty(image_index.numel())
+    step = _pairs_per_chunk(images, captions, DEFAULT_BLOCK_BYTES)
+    for start in range(0, image_index.numel(), step):
+        imgs = images[image_index[start : start + step]].to(device, dtype)
+        caps = captions[caption_index[start : start + step]].to(device, dtype)
+        out[start : start + step] = (
+            paired_similarity(imgs, caps, model_cfg).sum(dim=0).float().cpu()
+        )
+    return out
+
+
 @torch.no_grad()
 def two_stage_similarity(
     model_cfg: ModelConfig,
@@ -80,22 +126,18 @@ def two_stage_similarity(
     """Shortlist ``k`` candidates per query by global embedding, rerank them with HAT.
 
     Both directions: each image against its ``k`` best captions (i2t) and each caption
-    against its ``k`` best images (t2i).
+    against its ``k`` best images (t2i); all shortlisted pairs are scored as pairs
+    (:func:`rerank_pairs`), never as blocks of all pairs.
     """
-    dtype = scoring_dtype(retrieval.compute_dtype, device)
     n, m = len(images), len(captions)
     i2t = torch.full((n, m), float("-inf"))
     t2i = torch.full((n, m), float("-inf"))
     cap_candidates = shortlist(images.global_embedding, captions.global_embedding, k)  # (N, k)
     img_candidates = shortlist(captions.global_embedding, images.global_embedding, k)  # (M, k)
-    for i in range(n):
-        cand = cap_candidates[i]
-        image, caps = images[i : i + 1], captions[cand]
-        scores = similarity(image.to(device, dtype), caps.to(device, dtype), model_cfg).total
-        i2t[i, cand] = scores[0].float().cpu()
-    for j in range(m):
-        cand = img_candidates[j]
-        imgs, caption = images[cand], captions[j : j + 1]
-        scores = similarity(imgs.to(device, dtype), caption.to(device, dtype), model_cfg).total
-        t2i[cand, j] = scores[:, 0].float().cpu()
+    rows = torch.arange(n)[:, None].expand_as(cap_candidates).reshape(-1)  # (N k,)
+    cols = cap_candidates.reshape(-1)
+    i2t[rows, cols] = rerank_pairs(model_cfg, images, captions, rows, cols, device, retrieval)
+    cols = torch.arange(m)[:, None].expand_as(img_candidates).reshape(-1)  # (M k,)
+    rows = img_candidates.reshape(-1)
+    t2i[rows, cols] = rerank_pairs(model_cfg, images, captions, rows, cols, device, retrieval)
     return TwoStageScores(i2t, t2i, cap_candidates.numel() + img_candidates.numel())
