@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
+import socket
 import struct
+import subprocess
+import sys
+import time
 import zlib
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from index_support import SCENES
@@ -150,3 +156,32 @@ def test_bearer_token(index):
     )
     assert guarded.get("/images/1", headers=right).status_code == 200
     assert guarded.get("/images/1").status_code == 401
+
+
+def test_hat_serve_command_binds_loopback_with_token(index, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HAT_TOKEN": "tok"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "hat", "serve", str(index.store.root), "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz")
+                break
+            except httpx.TransportError:
+                assert time.time() < deadline and server.poll() is None, "server did not start"
+                time.sleep(0.2)
+        assert health.json()["images"] == SCENES
+        url = f"http://127.0.0.1:{port}/search/text"
+        assert httpx.post(url, json={"query": "a", "k": 1}).status_code == 401
+        ok = httpx.post(url, json={"query": "a", "k": 1}, headers={"Authorization": "Bearer tok"})
+        assert ok.status_code == 200
+    finally:
+        server.terminate()
+        output = server.communicate(timeout=30)[0]
+    assert f"on http://127.0.0.1:{port}/ (bearer token required)" in output
