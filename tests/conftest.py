@@ -58,3 +58,15 @@ def collection(tmp_path_factory) -> dict[str, Path]:
 def images_copy(collection, tmp_path) -> Path:
     """A private copy of the scene images that a test may change."""
     return Path(shutil.copytree(collection["images"], tmp_path / "images"))
+
+
+@pytest.fixture(scope="session")
+def collection_index(collection, tmp_path_factory) -> Path:
+    """An index of the collection's images, built once; open it read-only."""
+    from hat.index import Index
+
+    root = tmp_path_factory.mktemp("collection-index") / "index"
+    Index.create(root, collection["model"]).close()
+    with Index.open(root, writable=True) as writer:
+        writer.add_images(collection["images"], progress=False)
+    return root

@@ -35,13 +35,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(collection, tmp_path_factory):
+def server(collection_index):
     uvicorn = pytest.importorskip("uvicorn")
-    root = tmp_path_factory.mktemp("browser") / "index"
-    Index.create(root, collection["model"]).close()
-    with Index.open(root, writable=True) as writer:
-        writer.add_images(collection["images"], progress=False)
-    index = Index.open(root)
+    index = Index.open(collection_index)
     port = free_port()
     config = uvicorn.Config(
         create_app(index, ServeConfig(port=port)), host="127.0.0.1", port=port, log_level="warning"

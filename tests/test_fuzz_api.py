@@ -17,14 +17,9 @@ LIMITS = ServeConfig(max_query_chars=40, max_k=5, max_upload_bytes=20_000, max_p
 
 
 @pytest.fixture(scope="module")
-def api_schema(collection, tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuzz") / "index"
-    Index.create(root, collection["model"]).close()
-    with Index.open(root, writable=True) as writer:
-        writer.add_images(collection["images"], progress=False)
-    index = Index.open(root)
-    yield schemathesis.openapi.from_asgi("/openapi.json", create_app(index, LIMITS))
-    index.close()
+def api_schema(collection_index):
+    with Index.open(collection_index) as index:
+        yield schemathesis.openapi.from_asgi("/openapi.json", create_app(index, LIMITS))
 
 
 def test_no_server_errors(api_schema):

@@ -21,8 +21,8 @@ import hat
 from hat.checkpoint import save_model
 from hat.cli import main
 from hat.config import IndexConfig
-from hat.data import CaptionTokenizer, build_transform, load_image
-from hat.index import Index, IndexFormatError
+from hat.data import CaptionTokenizer, DataError, build_transform, load_image
+from hat.index import Index, IndexFormatError, read_caption_file
 from hat.model import similarity
 
 # fp16 storage of the tokens: scores agree with float32 scoring to about this much.
@@ -276,3 +276,22 @@ def test_python_api_entry_point(tmp_path, collection):
     build(tmp_path, collection, collection["images"]).close()
     hits = hat.Index.open(tmp_path / "index").search_text("a red circle", k=2)
     assert len(hits) == 2 and all(Path(h.path).is_file() for h in hits)
+
+
+def test_caption_files(tmp_path):
+    (tmp_path / "a.txt").write_text("a red circle\n\n  a  blue   square \n")
+    texts = [e.text for e in read_caption_file(tmp_path / "a.txt")]
+    assert texts == ["a red circle", "a blue square"]
+    (tmp_path / "b.csv").write_text("caption,image\na star,x.png\nno image,\n")
+    entries = read_caption_file(tmp_path / "b.csv")
+    assert entries[0].image_path == str((tmp_path / "x.png").resolve())
+    assert entries[1].image_path is None
+    (tmp_path / "c.jsonl").write_text('{"caption": "ok"}\n{"caption": \n')
+    with pytest.raises(DataError, match="c.jsonl: line 2"):
+        read_caption_file(tmp_path / "c.jsonl")
+    (tmp_path / "d.csv").write_text("text,image\nx,y\n")
+    with pytest.raises(DataError, match="'caption' column"):
+        read_caption_file(tmp_path / "d.csv")
+    (tmp_path / "e.jsonl").write_text('{"caption": "   "}\n')
+    with pytest.raises(DataError, match="e.jsonl: line 1: empty caption"):
+        read_caption_file(tmp_path / "e.jsonl")

@@ -26,12 +26,8 @@ LIMITS = ServeConfig(max_query_chars=50, max_k=5, max_upload_bytes=50_000, max_p
 
 
 @pytest.fixture(scope="module")
-def index(collection, tmp_path_factory):
-    root = tmp_path_factory.mktemp("served") / "index"
-    Index.create(root, collection["model"]).close()
-    with Index.open(root, writable=True) as writer:
-        writer.add_images(collection["images"], progress=False)
-    with Index.open(root) as reader:
+def index(collection_index):
+    with Index.open(collection_index) as reader:
         yield reader
 
 

@@ -38,10 +38,13 @@ __all__ = [
     "SPLITS",
     "DataError",
     "ImageRecord",
+    "clean_caption",
+    "json_object",
     "load_records",
     "read_csv",
     "read_jsonl",
     "read_karpathy",
+    "read_text",
     "select_split",
 ]
 
@@ -82,7 +85,7 @@ class ImageRecord:
     split: str
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     """The file's text; a UTF-8 byte-order mark is dropped.
 
     Bytes that are not UTF-8 become lone surrogates (``surrogateescape``), which
@@ -100,7 +103,7 @@ def _read_text(path: Path) -> str:
 
 
 def _check_utf8(text: str, where: str) -> None:
-    """Reject text holding bytes that were not UTF-8 (see :func:`_read_text`)."""
+    """Reject text holding bytes that were not UTF-8 (see :func:`read_text`)."""
     found = _ESCAPED_BYTE.search(text)
     if found:
         raise DataError(f"{where}: not valid UTF-8 (character {found.start() + 1})")
@@ -134,12 +137,26 @@ def _json_ended_early(err: json.JSONDecodeError) -> bool:
     return err.pos >= len(err.doc.rstrip()) or err.msg.startswith("Unterminated string")
 
 
+def json_object(line: str, where: str) -> dict[str, Any]:
+    """One JSON object (a JSONL line); errors name ``where``."""
+    _check_utf8(line, where)
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: invalid JSON: {err.msg}") from err
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: expected an object, got {type(item).__name__}")
+    return item
+
+
 def _check_count(captions_per_image: int) -> None:
     if captions_per_image < 1:
         raise DataError(f"captions_per_image must be at least 1, got {captions_per_image}")
 
 
-def _clean_caption(value: Any, where: str) -> str:
+def clean_caption(value: Any, where: str) -> str:
+    """A caption stripped of surrounding space; non-strings, bad UTF-8, empty and
+    overlong captions are errors naming ``where``."""
     if not isinstance(value, str):
         raise DataError(f"{where}: caption must be a string, got {type(value).__name__}")
     _check_utf8(value, where)
@@ -181,7 +198,7 @@ def read_karpathy(
     json_path, root = Path(json_path), Path(image_root)
     _check_count(captions_per_image)
     try:
-        data = json.loads(_read_text(json_path))
+        data = json.loads(read_text(json_path))
     except json.JSONDecodeError as err:
         incomplete = " (the file is incomplete)" if _json_ended_early(err) else ""
         raise DataError(
@@ -215,7 +232,7 @@ def read_karpathy(
             at = f"{where}.sentences[{j}]"
             if not isinstance(sentence, dict) or "raw" not in sentence:
                 raise DataError(f'{at}: missing field "raw"')
-            captions.append(_clean_caption(sentence["raw"], at))
+            captions.append(clean_caption(sentence["raw"], at))
         if split == RESTVAL and use_restval:
             split = "train"
         image_id = str(image.get("cocoid", image.get("imgid", index)))
@@ -336,25 +353,19 @@ def read_jsonl(
     _check_count(captions_per_image)
     lines = [
         (number, line)  # only "\n" ends a line: JSON strings may hold U+2028 and the like
-        for number, line in enumerate(_read_text(path).split("\n"), start=1)
+        for number, line in enumerate(read_text(path).split("\n"), start=1)
         if line.strip()
     ]
 
     def parse(entry: tuple[int, str]) -> _Row:
         number, line = entry
         where = f"{path}: line {number}"
-        _check_utf8(line, where)
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: invalid JSON: {err.msg}") from err
-        if not isinstance(item, dict):
-            raise DataError(f"{where}: expected an object, got {type(item).__name__}")
+        item = json_object(line, where)
         image = _relative_image(item.get("image"), where)
         caps = item.get("captions")
         if not isinstance(caps, list) or not caps:
             raise DataError(f'{where}: "captions" must be a non-empty list, got {caps!r}')
-        cleaned = [_clean_caption(c, f"{where}: captions[{i}]") for i, c in enumerate(caps)]
+        cleaned = [clean_caption(c, f"{where}: captions[{i}]") for i, c in enumerate(caps)]
         return _Row(image, cleaned, _optional_split(item.get("split"), where), where)
 
     rows = _keep_good(lines, parse, skip_bad, path)
@@ -379,7 +390,7 @@ def read_csv(
     """
     path = Path(path)
     _check_count(captions_per_image)
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
     try:
         fields = [f.strip() for f in reader.fieldnames or []]
     except csv.Error as err:
@@ -413,7 +424,7 @@ def read_csv(
         for column, value in row.items():
             _check_utf8(value, f"{where}: column {column}")
         image = _relative_image(row["image"], where)
-        caption = _clean_caption(row["caption"], where)
+        caption = clean_caption(row["caption"], where)
         split = (row.get("split") or "").strip() or None
         return _Row(image, [caption], split, where)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from hat.data import DataError, load_image
+from hat.data.records import clean_caption, json_object, read_text
 from hat.data.transforms import is_image_file
 
 __all__ = [
@@ -145,12 +145,6 @@ def collate_image_files(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _caption_text(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{where}: caption must be a non-empty string, got {value!r}")
-    return " ".join(value.split())
-
-
 def _image_of(value: Any, base: Path, where: str) -> str | None:
     if value in (None, ""):
         return None
@@ -165,47 +159,32 @@ def read_caption_file(path: str | Path) -> list[CaptionEntry]:
     ``image``) file. Image paths are relative to the file's folder. Errors name the
     file and line."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError as err:
-        raise DataError(f"captions file {path} not found") from err
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text: {err}") from err
+    text = read_text(path)
     base = path.parent
-    entries = []
     if path.suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON: {err}") from err
-            if not isinstance(item, dict):
-                raise DataError(f"{where}: expected an object with a 'caption' field")
-            entries.append(
-                CaptionEntry(
-                    _caption_text(item.get("caption"), where),
-                    _image_of(item.get("image"), base, where),
-                )
-            )
+        rows = [
+            (f"{path}: line {number}", json_object(line, f"{path}: line {number}"))
+            for number, line in enumerate(text.split("\n"), start=1)
+            if line.strip()
+        ]
     elif path.suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text))
         if not reader.fieldnames or "caption" not in reader.fieldnames:
             raise DataError(f"{path}: the CSV header must name a 'caption' column")
-        for number, row in enumerate(reader, start=2):
-            where = f"{path}:{number}"
-            entries.append(
-                CaptionEntry(
-                    _caption_text(row.get("caption"), where),
-                    _image_of(row.get("image"), base, where),
-                )
-            )
+        rows = [(f"{path}: row {number}", row) for number, row in enumerate(reader, start=2)]
     else:
-        entries = [
-            CaptionEntry(" ".join(line.split())) for line in text.splitlines() if line.strip()
+        rows = [
+            (f"{path}: line {number}", {"caption": line})
+            for number, line in enumerate(text.split("\n"), start=1)
+            if line.strip()
         ]
+    entries = [
+        CaptionEntry(
+            " ".join(clean_caption(row.get("caption"), where).split()),
+            _image_of(row.get("image"), base, where),
+        )
+        for where, row in rows
+    ]
     if not entries:
         raise DataError(f"{path}: no captions found")
     return entries
