@@ -18,6 +18,8 @@ from hat.data import generate_scenes
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+    # `hat.cli.main` flushes denormals for the whole process; tests start without it.
+    torch.set_flush_denormal(False)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -183,7 +183,7 @@ class TrainConfig:
     ``global_batch_loss``: compute the triplet and InfoNCE losses over the GLOBAL batch
     (every process's pairs), so that hardest negatives come from all of them and the
     gradient equals one process's on the whole global batch; it costs the other
-    processes' features of every level and about ``2 x processes`` times the local
+    processes' features of every level and ``2 x processes - 1`` times the local
     alignment memory (:func:`hat.losses.global_batch_scores`). Off: each process's
     loss covers its own batch and DDP averages the gradients. No effect in a single
     process.

@@ -3,6 +3,13 @@
 One function, :func:`evaluate`, serves validation during training and the final
 test (spec section 5). Shape legend: ``N`` images, ``M = N * cpi`` captions,
 ``K`` levels.
+
+Under ``torchrun`` (a process group of ``W`` processes) :func:`evaluate` shares the
+work: each process encodes a run of whole image batches and a run of whole caption
+batches, all tokens are gathered on every process, each process scores a run of
+whole image blocks against every caption, and the scores are gathered. Batches and
+blocks are exactly those of a single process, so the scores, and the metrics, are
+those of a single process. Every process returns the same report.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from hat import distributed
 from hat.align import scoring_dtype
 from hat.config import ModelConfig, RetrievalConfig
 from hat.data import CaptionTokenizer, ImageDataset, ImageRecord, build_transform, image_collate
@@ -23,6 +31,7 @@ from hat.search import TwoStageScores, two_stage_similarity
 
 __all__ = [
     "EvalReport",
+    "encode_and_score",
     "encode_captions",
     "encode_images",
     "evaluate",
@@ -137,6 +146,82 @@ def score_all(
     return Scores(levels=levels, total=levels.sum(dim=0))
 
 
+def _present(parts: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    return [p for p in parts if p is not None]
+
+
+def _gather_images(local: ImageFeatures | None, num_levels: int) -> ImageFeatures:
+    """Every process's image features (``None``: an empty shard), concatenated in rank order."""
+    levels = [
+        torch.cat(_present(distributed.gather_tensors(local.levels[k] if local else None)))
+        for k in range(num_levels)
+    ]  # (N, R_k, d) each
+    glob = distributed.gather_tensors(local.global_embedding if local else None)
+    return ImageFeatures(levels, torch.cat(_present(glob)))  # global (N, g)
+
+
+def _gather_captions(local: TextFeatures | None, num_levels: int) -> TextFeatures:
+    """Every process's caption features (``None``: an empty shard), concatenated in rank
+    order and zero-padded to the longest caption, as :meth:`TextFeatures.cat` does."""
+    levels = [
+        distributed.gather_tensors(local.levels[k] if local else None) for k in range(num_levels)
+    ]  # per level, per process (M_p, L_p, d)
+    lengths = distributed.gather_tensors(local.lengths if local else None)  # (M_p,) each
+    glob = distributed.gather_tensors(local.global_embedding if local else None)  # (M_p, g) each
+    parts = [
+        TextFeatures([per_level[p] for per_level in levels], lengths[p], glob[p])
+        for p in range(len(lengths))
+        if lengths[p] is not None
+    ]
+    return TextFeatures.cat(parts)
+
+
+def encode_and_score(
+    model: HAT,
+    records: Sequence[ImageRecord],
+    captions: Sequence[str],
+    tokenizer: CaptionTokenizer,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int,
+    storage: torch.dtype,
+    retrieval: RetrievalConfig,
+    progress: bool,
+) -> tuple[ImageFeatures, TextFeatures, Scores]:
+    """:func:`encode_images`, :func:`encode_captions` and :func:`score_all` of ``records``
+    and ``captions``; in a process group shared out at the batches and blocks a single
+    process uses, then gathered, so that every process gets a single process's result.
+
+    Returns:
+        image features (``N``), caption features (``M``) and scores ``(K, N, M)``, on the CPU.
+    """
+    if not distributed.is_distributed():
+        img = encode_images(model, records, batch_size, device, num_workers, storage, progress)
+        txt = encode_captions(model, captions, tokenizer, batch_size, device, storage, progress)
+        return img, txt, score_all(model.config, img, txt, device, retrieval)
+    me, world = distributed.rank(), distributed.world_size()
+    levels = model.num_levels
+    lo, hi = distributed.shard_bounds(len(records), batch_size, me, world)
+    my_images = (
+        encode_images(model, records[lo:hi], batch_size, device, num_workers, storage, progress)
+        if hi > lo
+        else None
+    )
+    img = _gather_images(my_images, levels)
+    lo, hi = distributed.shard_bounds(len(captions), batch_size, me, world)
+    my_captions = (
+        encode_captions(model, captions[lo:hi], tokenizer, batch_size, device, storage, progress)
+        if hi > lo
+        else None
+    )
+    txt = _gather_captions(my_captions, levels)
+    lo, hi = distributed.shard_bounds(len(img), retrieval.image_block, me, world)
+    block = score_all(model.config, img[lo:hi], txt, device, retrieval) if hi > lo else None
+    parts = distributed.gather_tensors(block.levels if block else None)  # (K, N_p, M) each
+    scored = torch.cat(_present(parts), dim=1)  # (K, N, M)
+    return img, txt, Scores(levels=scored, total=scored.sum(dim=0))
+
+
 def evaluate(
     model: HAT,
     records: Sequence[ImageRecord],
@@ -154,7 +239,9 @@ def evaluate(
     Each image must have at least ``captions_per_image`` captions; the first ones are
     used (spec section 5). ``folds > 1`` adds the metrics averaged over that many
     consecutive blocks of images (MSCOCO 1K: ``folds=5`` on the 5K test).
-    Tokens are kept on the host in ``retrieval.storage_dtype``.
+    Tokens are kept on the host in ``retrieval.storage_dtype``. In a process group the
+    work is shared out (see the module docstring) and every process gets the report;
+    only rank 0 shows progress bars.
     ``retrieval.shortlist_k > 0`` adds ``hat_two_stage``: each query's ``k`` candidates by global
     embedding reranked with HAT's exact score; a positive outside the shortlist counts
     as ranked last.
@@ -167,12 +254,14 @@ def evaluate(
         )
     was_training = model.training
     model.eval()
+    progress = progress and distributed.is_main_process()
     try:
         captions = [c for r in records for c in r.captions[:captions_per_image]]
         storage = getattr(torch, retrieval.storage_dtype)
-        img = encode_images(model, records, batch_size, device, num_workers, storage, progress)
-        txt = encode_captions(model, captions, tokenizer, batch_size, device, storage, progress)
-        scores = score_all(model.config, img, txt, device, retrieval)
+        img, txt, scores = encode_and_score(
+            model, records, captions, tokenizer, batch_size, device, num_workers, storage,
+            retrieval, progress,
+        )  # fmt: skip
         two = None
         if retrieval.shortlist_k > 0:
             two = two_stage_similarity(

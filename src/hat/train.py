@@ -8,13 +8,21 @@ read from :class:`~hat.config.TrainConfig`. A run folder holds::
     checkpoints/best.pt      the same at the best validation epoch
     metrics.jsonl            one JSON object per logged step and per validation
     tb/                      TensorBoard events
+
+Under ``torchrun`` (``docs/distributed.md``) every process runs the same Trainer on
+its share of each global batch, the model wrapped in ``DistributedDataParallel``;
+only the process of global rank 0 writes the run folder and shows progress bars.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import random
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,17 +31,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from hat import distributed
 from hat.checkpoint import (
+    CheckpointError,
     capture_rng_state,
     load_state_strict,
     load_training_checkpoint,
     restore_rng_state,
     save_training_checkpoint,
 )
-from hat.config import ExperimentConfig, config_to_dict, save_config
+from hat.config import ExperimentConfig, TrainConfig, config_to_dict, save_config
 from hat.data import (
     CaptionTokenizer,
     PairCollator,
@@ -43,14 +55,39 @@ from hat.data import (
     select_split,
 )
 from hat.evaluate import EvalReport, evaluate
-from hat.losses import info_nce_loss, triplet_loss
+from hat.losses import global_batch_scores, info_nce_loss, triplet_loss
 from hat.model import HAT
 
-__all__ = ["Trainer", "TrainingDiverged", "pick_device", "seed_everything"]
+__all__ = [
+    "EpochOrder",
+    "Trainer",
+    "TrainingDiverged",
+    "TrainingInterrupted",
+    "TrainingObjective",
+    "pick_device",
+    "seed_everything",
+]
+
+
+# Signals after which the Trainer saves its state at the end of the current step and stops.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM or SIGINT stopped training after saving ``checkpoints/latest.pt`` at the
+    end of the last finished step: ``--resume`` continues exactly from there.
+
+    Attributes:
+        signal_number: the signal received (in a process group: by any process).
+    """
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -90,17 +127,44 @@ class SeededPairs(Dataset):
 
 
 class EpochOrder(Sampler[int]):
-    """A permutation fixed by (seed, epoch), started at ``offset`` items for mid-epoch resume."""
+    """This process's items of a permutation fixed by (seed, epoch).
 
-    def __init__(self, size: int, seed: int, epoch: int, offset: int = 0) -> None:
+    The permutation, from ``offset`` items on (mid-epoch resume), is cut into global
+    batches of ``world_size * batch_size`` items; process ``rank`` takes the
+    ``rank``-th run of ``batch_size`` items of each. The global batch of a step is
+    thus the same whatever the number of processes, and an incomplete last global
+    batch is left out (every process gets the same number of whole batches). With
+    the defaults (one process, ``batch_size=1``) it is the plain permutation.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        epoch: int,
+        offset: int = 0,
+        batch_size: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
         self.size, self.seed, self.epoch, self.offset = size, seed, epoch, offset
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+
+    def _steps(self) -> int:
+        return max(self.size - self.offset, 0) // (self.batch_size * self.world_size)
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator)[self.offset :].tolist())
+        order = torch.randperm(self.size, generator=generator)[self.offset :]  # (S - offset,)
+        steps = self._steps()
+        span = steps * self.batch_size * self.world_size
+        mine = order[:span].view(steps, self.world_size, self.batch_size)[:, self.rank]  # (T, B)
+        return iter(mine.reshape(-1).tolist())
 
     def __len__(self) -> int:
-        return self.size - self.offset
+        return self._steps() * self.batch_size
 
 
 @dataclass
@@ -112,6 +176,53 @@ class TrainState:
     global_step: int = 0
     best_score: float = -math.inf
     best_epoch: int = -1
+    world_size: int = 1
+
+
+class TrainingObjective(nn.Module):
+    """The training loss of one batch as ONE forward pass: the unit that
+    ``DistributedDataParallel`` wraps, so that it synchronises the gradients of
+    everything the loss uses.
+
+    ``forward(images, input_ids, attention_mask, hardest)`` returns
+    ``(objective, loss)``: the tensor to back-propagate and the loss value to report.
+    They are the same number except with ``cfg.global_batch_loss`` in a process
+    group of ``W`` processes, where the objective is ``W * loss``: each process then
+    back-propagates the global batch's loss into its own features only, and DDP's
+    average of the ``W`` gradients is the whole global batch's gradient
+    (:func:`hat.losses.global_batch_scores`).
+    """
+
+    def __init__(
+        self, model: HAT, cfg: TrainConfig, device_type: str, amp: bool, amp_dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.device_type, self.amp, self.amp_dtype = device_type, amp, amp_dtype
+
+    def forward(
+        self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, hardest: bool
+    ) -> tuple[Tensor, Tensor]:
+        """images ``(B, 3, H, W)``, token ids and mask ``(B, L)`` -> ``(objective, loss)``."""
+        t = self.cfg
+        spread = t.global_batch_loss and distributed.is_distributed()
+        with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp):
+            img = self.model.encode_image(images)
+            txt = self.model.encode_text(input_ids, attention_mask)
+            if spread:
+                scores, logits = global_batch_scores(img, txt, self.model.config)  # (WB, WB)
+            else:
+                scores, logits = self.model.similarity(img, txt).total, None  # (B, B)
+        loss = triplet_loss(scores.float(), margin=t.margin, max_violation=hardest)
+        if t.global_loss_weight > 0:
+            if logits is None:
+                logits = self.model.global_similarity(img, txt)  # (B, B)
+            loss = loss + t.global_loss_weight * info_nce_loss(
+                logits.float() / t.global_temperature
+            )
+        scale = distributed.world_size() if spread else 1
+        return loss * scale, loss.detach()
 
 
 class Trainer:
@@ -125,6 +236,13 @@ class Trainer:
     ``resume=True`` loads ``run_dir/checkpoints/latest.pt`` and continues exactly
     where it stopped; ``cfg`` must then be the run's config (``run_dir/config.yaml``),
     possibly with more epochs.
+
+    Under ``torchrun`` the Trainer joins the process group itself
+    (:func:`hat.distributed.init_from_env`; leave it with
+    :func:`hat.distributed.teardown`), ``cfg.train.batch_size`` is per process, and
+    ``run_dir`` must be visible to every process for ``resume``. A run resumes on any
+    number of processes from the end of an epoch; mid-epoch only on as many as it
+    was saved with.
     """
 
     def __init__(
@@ -137,23 +255,29 @@ class Trainer:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.progress = progress
+        self.device = distributed.init_from_env(pick_device(device))
+        self.is_main = distributed.is_main_process()
+        self.progress = progress and self.is_main
         latest = self.ckpt_dir / "latest.pt"
         checkpoint = load_training_checkpoint(latest) if resume else None
         self.cfg = cfg
-        self.device = pick_device(device)
         if self.device.type == "cpu":
             # Denormal floats (tiny attention weights, Adam moments) are ~100x slower on
             # x86 CPUs and made long CPU runs crawl; flushing them to zero changes nothing
             # measurable in the scores.
             torch.set_flush_denormal(True)
         seed_everything(cfg.train.seed)
-        self.state = TrainState()
+        self.state = TrainState(world_size=distributed.world_size())
         self._setup()
+        if distributed.is_distributed():
+            # Same initial weights everywhere (seeded above); from here on each process
+            # draws its own dropout.
+            seed_everything(cfg.train.seed + distributed.rank())
         if checkpoint is not None:
             self.load_state(checkpoint)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
 
     def _setup(self) -> None:
         cfg = self.cfg
@@ -175,12 +299,21 @@ class Trainer:
         self.amp_dtype = getattr(torch, cfg.train.amp_dtype)
         use_scaler = self.amp and self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.objective = TrainingObjective(
+            self.model, cfg.train, self.device.type, self.amp, self.amp_dtype
+        )
+        self._ddp: DistributedDataParallel | None = None
+        self._ddp_trainable: tuple[bool, ...] = ()
         self._writer = None
+        self._stop_signal: int | None = None
 
     def _loader(self, epoch: int, offset_steps: int) -> DataLoader:
         self.pairs.epoch = epoch
-        batch = self.cfg.train.batch_size
-        sampler = EpochOrder(len(self.pairs), self.cfg.train.seed, epoch, offset_steps * batch)
+        batch, world = self.cfg.train.batch_size, distributed.world_size()
+        sampler = EpochOrder(
+            len(self.pairs), self.cfg.train.seed, epoch, offset_steps * batch * world,
+            batch, distributed.rank(), world,
+        )  # fmt: skip
         return DataLoader(
             self.pairs,
             batch_size=batch,
@@ -189,41 +322,73 @@ class Trainer:
             collate_fn=self.collate,
             drop_last=True,
             persistent_workers=False,
+            # Its own generator: starting an epoch's iterator then draws nothing from the
+            # global RNG, whose state (dropout) a mid-epoch checkpoint restores exactly.
+            generator=torch.Generator().manual_seed(self.cfg.train.seed),
         )
 
     def steps_per_epoch(self) -> int:
-        steps = len(self.pairs) // self.cfg.train.batch_size
+        """Optimisation steps of one epoch: whole global batches, capped by
+        ``max_steps_per_epoch``."""
+        steps = len(self.pairs) // (self.cfg.train.batch_size * distributed.world_size())
         limit = self.cfg.train.max_steps_per_epoch
         return min(steps, limit) if limit else steps
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """ALL state of the run: model, optimiser, scheduler, scaler, counters, RNG, config."""
-        return {
+        """ALL state of the run: model, optimiser, scheduler, scaler, counters, RNG, config.
+
+        In a process group every process must call it (each one's RNG state is
+        gathered under ``rng_per_rank``; ``rng`` is rank 0's).
+        """
+        rng = capture_rng_state()
+        state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "state": vars(self.state).copy(),
-            "rng": capture_rng_state(),
+            "rng": rng,
             "config": config_to_dict(self.cfg),
         }
+        if distributed.is_distributed():
+            state["rng_per_rank"] = distributed.gather_objects(rng)
+        return state
 
     def load_state(self, checkpoint: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s state; each process takes its own RNG state when
+        the checkpoint was written by as many processes."""
+        saved = TrainState(**checkpoint["state"])
+        world = distributed.world_size()
+        if saved.step_in_epoch and saved.world_size != world:
+            raise CheckpointError(
+                f"the checkpoint was saved mid-epoch by {saved.world_size} process(es); "
+                f"resume it on as many (now {world}), or from the end of an epoch"
+            )
         load_state_strict(self.model, checkpoint["model"], "training checkpoint")
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
-        self.state = TrainState(**checkpoint["state"])
-        restore_rng_state(checkpoint["rng"])
+        self.state = dataclasses.replace(saved, world_size=world)
+        per_rank = checkpoint.get("rng_per_rank")
+        if per_rank is not None and len(per_rank) == world:
+            restore_rng_state(per_rank[distributed.rank()])
+        else:
+            restore_rng_state(checkpoint["rng"])
 
     def save(self, name: str) -> Path:
+        """Write ``checkpoints/{name}.pt`` (rank 0 writes; every process must call it)."""
         path = self.ckpt_dir / f"{name}.pt"
-        save_training_checkpoint(path, self.state_dict())
+        state = self.state_dict()
+        if self.is_main:
+            save_training_checkpoint(path, state)
+        distributed.barrier()
         return path
 
     # --------------------------------------------------------------- logging
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -235,36 +400,62 @@ class Trainer:
             if isinstance(value, int | float) and key not in ("global_step", "epoch"):
                 self._writer.add_scalar(key, value, step)
 
+    @contextlib.contextmanager
+    def _closing_writer(self) -> Iterator[None]:
+        """Close the TensorBoard writer however training ends."""
+        try:
+            yield
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
     # -------------------------------------------------------------- training
     def _freeze_for(self, epoch: int) -> None:
         t = self.cfg.train
         self.model.set_backbones_trainable(
             image=epoch >= t.freeze_image_epochs, text=epoch >= t.freeze_text_epochs
         )
+        if not distributed.is_distributed():
+            return
+        # DDP synchronises the parameters that need gradients when it is built: build it
+        # again whenever the freeze schedule changes that set.
+        trainable = tuple(p.requires_grad for p in self.model.parameters())
+        if self._ddp is None or trainable != self._ddp_trainable:
+            self._ddp = DistributedDataParallel(
+                self.objective,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                # The global heads take no gradient when their loss weight is 0.
+                find_unused_parameters=self.cfg.train.global_loss_weight == 0,
+            )
+            self._ddp_trainable = trainable
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> float:
-        """One optimisation step on a batch; returns the loss."""
+        """One optimisation step on a batch; returns the loss (in a process group, the
+        mean over processes of their batch losses; with ``global_batch_loss``, the
+        global batch's loss)."""
         t = self.cfg.train
         images = batch["images"].to(self.device, non_blocking=True)
         ids = batch["input_ids"].to(self.device, non_blocking=True)
         mask = batch["attention_mask"].to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-            img = self.model.encode_image(images)
-            txt = self.model.encode_text(ids, mask)
-            scores = self.model.similarity(img, txt)
         hardest = t.max_violation and self.state.epoch >= t.max_violation_warmup_epochs
-        loss = triplet_loss(scores.total.float(), margin=t.margin, max_violation=hardest)
-        if t.global_loss_weight > 0:
-            logits = self.model.global_similarity(img, txt).float() / t.global_temperature
-            loss = loss + t.global_loss_weight * info_nce_loss(logits)
+        forward = self._ddp if self._ddp is not None else self.objective
+        objective, loss = forward(images, ids, mask, hardest)
+        loss = distributed.all_reduce_mean(loss)
         if not torch.isfinite(loss):
+            latest = self.ckpt_dir / "latest.pt"
+            kept = (
+                f"the last good checkpoint, {latest}, is kept (continue with --resume)"
+                if latest.is_file()
+                else "no checkpoint was written yet"
+            )
             raise TrainingDiverged(
                 f"loss is {float(loss)} at epoch {self.state.epoch} step "
-                f"{self.state.step_in_epoch}; the last good checkpoint is "
-                f"{self.ckpt_dir / 'latest.pt'}"
+                f"{self.state.step_in_epoch}; stopped before the update, {kept}; "
+                "a lower train.lr or train.grad_clip > 0 may help"
             )
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(objective).backward()
         if t.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
@@ -290,7 +481,7 @@ class Trainer:
             loss = self.train_step(batch)
             self.state.step_in_epoch += 1
             self.state.global_step += 1
-            seen += batch["images"].shape[0]
+            seen += batch["images"].shape[0] * distributed.world_size()
             rate = seen / max(time.perf_counter() - start, 1e-9)
             lr = self.optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", samples_s=f"{rate:.1f}")
@@ -300,7 +491,45 @@ class Trainer:
                     {"epoch": epoch, "global_step": self.state.global_step, "loss": loss,
                      "lr": lr, "samples_per_s": rate}
                 )  # fmt: skip
+            if self._stop_requested():
+                bar.close()
+                self.save("latest")
+                self._interrupt()
         bar.close()
+
+    # ---------------------------------------------------------- interruption
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """While training, SIGTERM and SIGINT only ask the Trainer to stop after the
+        current step (handlers can only be set from the main thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def ask_to_stop(signum: int, frame: object) -> None:
+            self._stop_signal = signum
+
+        previous = {s: signal.signal(s, ask_to_stop) for s in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal reached this process (in a process group: any process;
+        every process must ask at the same step)."""
+        asked = self._stop_signal or 0
+        return distributed.all_reduce_max(asked) > 0
+
+    def _interrupt(self) -> None:
+        signum = distributed.all_reduce_max(self._stop_signal or 0)
+        raise TrainingInterrupted(
+            f"stopped by {signal.Signals(signum).name} at epoch {self.state.epoch} step "
+            f"{self.state.step_in_epoch}; saved {self.ckpt_dir / 'latest.pt'}; "
+            "continue with --resume",
+            signum,
+        )
 
     def validate(self) -> EvalReport:
         """The validation split through the same :func:`~hat.evaluate.evaluate` as the test."""
@@ -319,29 +548,35 @@ class Trainer:
         """Train until ``cfg.train.epochs``, validating and checkpointing after each epoch.
 
         Returns a summary with the best epoch, its score and the last validation metrics.
+
+        Raises:
+            TrainingInterrupted: SIGTERM or SIGINT arrived; ``latest.pt`` was saved at
+                the end of the step in progress, mid-epoch included.
+            TrainingDiverged: the loss became NaN or infinite; nothing was saved.
         """
         t = self.cfg.train
         last: dict[str, float] = {}
-        while self.state.epoch < t.epochs:
-            self.train_epoch()
-            report = self.validate()
-            last = report.metrics["hat"]
-            score = sum(last[m] for m in t.select_metric)
-            self.scheduler.step()
-            self.state.epoch += 1
-            self.state.step_in_epoch = 0
-            improved = score > self.state.best_score
-            if improved:
-                self.state.best_score, self.state.best_epoch = score, self.state.epoch
-            self._log(
-                {"epoch": self.state.epoch, "global_step": self.state.global_step,
-                 **{f"val_{k}": v for k, v in last.items()}, "val_select": score}
-            )  # fmt: skip
-            self.save("latest")
-            if improved:
-                self.save("best")
-        if self._writer is not None:
-            self._writer.close()
+        with self._stop_on_signals(), self._closing_writer():
+            while self.state.epoch < t.epochs:
+                self.train_epoch()
+                report = self.validate()
+                last = report.metrics["hat"]
+                score = sum(last[m] for m in t.select_metric)
+                self.scheduler.step()
+                self.state.epoch += 1
+                self.state.step_in_epoch = 0
+                improved = score > self.state.best_score
+                if improved:
+                    self.state.best_score, self.state.best_epoch = score, self.state.epoch
+                self._log(
+                    {"epoch": self.state.epoch, "global_step": self.state.global_step,
+                     **{f"val_{k}": v for k, v in last.items()}, "val_select": score}
+                )  # fmt: skip
+                self.save("latest")
+                if improved:
+                    self.save("best")
+                if self.state.epoch < t.epochs and self._stop_requested():
+                    self._interrupt()
         return {
             "best_epoch": self.state.best_epoch,
             "best_score": self.state.best_score,
