@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from index_support import SCENE_SIZE, SCENES
+from support import SCENE_SIZE, SCENES
 
 import hat
 from hat.checkpoint import save_model
@@ -33,6 +33,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Annotations of a small generated scene dataset (24 train, 8 val, 8 test images)."""
+    out = tmp_path_factory.mktemp("scenes")
+    return generate_scenes(out, n_train=24, n_val=8, n_test=8, image_size=64, seed=1)
 
 
 # -- shared by the index, search, explanation and web tests ---------------------------

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from index_support import SCENES
+from support import SCENES
 
 from hat.config import ServeConfig
 from hat.index import Index

@@ -20,12 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from support import data_args
 from torch.nn.parallel import DistributedDataParallel
 
 from hat import distributed
 from hat.checkpoint import load_training_checkpoint, resolve_model
 from hat.config import RetrievalConfig, apply_overrides, get_preset
-from hat.data import CaptionTokenizer, generate_scenes, load_records, select_split
+from hat.data import CaptionTokenizer, load_records, select_split
 from hat.evaluate import encode_and_score, evaluate
 from hat.model import HAT
 from hat.train import EpochOrder, Trainer, TrainingObjective
@@ -34,20 +35,6 @@ WORLD = 2
 SRC = Path(__file__).resolve().parents[1] / "src"
 SUBPROCESS_TIMEOUT_S = 300
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("scenes")
-    return generate_scenes(out, n_train=24, n_val=8, n_test=8, image_size=64, seed=1)
-
-
-def _data_args(annotations: Path) -> list[str]:
-    return [
-        f"data.annotations={annotations}",
-        f"data.image_root={annotations.parent}",
-        "data.num_workers=0",
-    ]
 
 
 def _eval_args(model: Path, annotations: Path, out_json: Path) -> list[str]:
@@ -80,7 +67,7 @@ def test_torchrun_trains_and_evaluates_like_one_process(tmp_path: Path, scenes: 
     batch = 4
     _torchrun(
         "train", "--preset", "tiny", "--device", "cpu", "--run", str(run),
-        *_data_args(scenes), f"train.batch_size={batch}", f"train.max_steps_per_epoch={STEPS}",
+        *data_args(scenes), f"train.batch_size={batch}", f"train.max_steps_per_epoch={STEPS}",
     )  # fmt: skip
     checkpoint = load_training_checkpoint(run / "checkpoints" / "latest.pt")
     assert checkpoint["state"]["global_step"] == STEPS
@@ -97,7 +84,7 @@ def test_torchrun_trains_and_evaluates_like_one_process(tmp_path: Path, scenes: 
     # The same evaluation in this process (the library call the command makes; calling
     # the command here would flush denormals for every later test).
     model = resolve_model(run, "latest")
-    cfg = apply_overrides(get_preset("tiny"), _data_args(scenes))
+    cfg = apply_overrides(get_preset("tiny"), data_args(scenes))
     single = evaluate(
         model, select_split(load_records(cfg.data), "test"),
         CaptionTokenizer.from_config(model.config.text), torch.device("cpu"), batch_size=3,
@@ -174,7 +161,7 @@ def _loss_and_grads(global_batch: bool) -> tuple[float, dict[str, torch.Tensor]]
 def _evaluation(annotations: Path) -> dict:
     """Features, scores and report of the tiny model on the test scenes, with batches and
     image blocks of 3 so that the 8 images and 40 captions split unevenly."""
-    cfg = apply_overrides(get_preset("tiny"), _data_args(annotations))
+    cfg = apply_overrides(get_preset("tiny"), data_args(annotations))
     torch.manual_seed(0)
     model = HAT(cfg.model).eval()
     records = select_split(load_records(cfg.data), "test")
@@ -198,7 +185,7 @@ def _straight_and_resumed(annotations: Path, root: Path) -> None:
     """Two epochs of the Trainer straight, and one epoch then a resumed second one."""
     cfg = apply_overrides(
         get_preset("tiny"),
-        [*_data_args(annotations), "train.batch_size=4", f"train.max_steps_per_epoch={STEPS}",
+        [*data_args(annotations), "train.batch_size=4", f"train.max_steps_per_epoch={STEPS}",
          "train.epochs=2"],
     )  # fmt: skip
     Trainer(cfg, root / "straight", device="cpu", progress=False).fit()
@@ -263,3 +250,35 @@ def test_sharded_evaluation_equals_one_process(spawned: dict) -> None:
     assert sharded["report"] == alone["report"]
     assert {"hat", "hat_two_stage", "level1"} <= set(sharded["report"]["all"])
     assert "2fold" in sharded["report"]
+
+
+def _stored_images(index) -> tuple[list[str], object]:
+    """Paths and features of every image of an index, in id order."""
+    ids, segments, rows = index.store.locations("image")
+    return [index.image_path(int(i)) for i in ids], index._gather("image", segments, rows)
+
+
+def test_sharded_index_build_equals_one_process(tmp_path: Path, scenes: Path) -> None:
+    """Two ranks reading and encoding shares of the images build the same index, bit
+    for bit, as one process."""
+    from hat.checkpoint import save_model
+    from hat.cli import main
+    from hat.index import Index
+
+    save_model(HAT(get_preset("tiny").model), tmp_path / "model")
+    images = scenes.parent / "images"
+    options = ["--set", "batch_size=2", "commit_every=5"]
+    _torchrun("index", "build", str(tmp_path / "model"), str(images),
+              "--out", str(tmp_path / "sharded"), *options)  # fmt: skip
+    assert main(["index", "build", str(tmp_path / "model"), str(images),
+                 "--out", str(tmp_path / "single"), *options]) == 0  # fmt: skip
+    with Index.open(tmp_path / "sharded") as sharded, Index.open(tmp_path / "single") as single:
+        (paths_a, feats_a), (paths_b, feats_b) = _stored_images(sharded), _stored_images(single)
+        assert paths_a == paths_b and len(paths_a) > 0
+        for a, b in zip(feats_a.levels, feats_b.levels):
+            assert torch.equal(a, b)
+        assert torch.equal(feats_a.global_embedding, feats_b.global_embedding)
+        query = "a red circle left of a blue square"
+        assert [h.path for h in sharded.search_text(query, 5)] == [
+            h.path for h in single.search_text(query, 5)
+        ]

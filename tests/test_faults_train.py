@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,6 @@ import torch
 import hat.train
 from hat.checkpoint import load_training_checkpoint, resolve_model
 from hat.cli import main
-from hat.data import generate_scenes
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 STEPS = 8  # per epoch
@@ -30,21 +29,6 @@ BATCH = 4
 LAST_SIGNAL_STEP = STEPS // 2  # leaves half an epoch for the signal to arrive mid-epoch
 POLL_S = 0.02
 TIMEOUT_S = 300
-DENORMAL = 1e-39  # below float32's smallest normal number
-
-
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("scenes")
-    return generate_scenes(out, n_train=24, n_val=8, n_test=8, image_size=64, seed=1)
-
-
-@pytest.fixture(autouse=True)
-def _restore_denormals() -> Iterator[None]:
-    """``hat train`` flushes denormals for the whole process; undo it for later tests."""
-    flushed = (torch.tensor([DENORMAL]) * 1.5).item() == 0
-    yield
-    torch.set_flush_denormal(flushed)
 
 
 def _train_args(run: Path, annotations: Path, epochs: int = EPOCHS) -> list[str]:

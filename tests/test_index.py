@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from index_support import SCENES
 from PIL import Image
+from support import SCENES
 
 import hat
 from hat.checkpoint import save_model

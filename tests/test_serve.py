@@ -15,8 +15,8 @@ import zlib
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from index_support import SCENES
 from PIL import Image
+from support import SCENES
 
 from hat.config import ServeConfig
 from hat.index import Index

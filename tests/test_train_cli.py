@@ -8,33 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import data_args
 
 from hat.checkpoint import load_model, load_training_checkpoint, resolve_model
 from hat.cli import main
 from hat.config import apply_overrides, get_preset
-from hat.data import CaptionTokenizer, generate_scenes, load_records, select_split
+from hat.data import CaptionTokenizer, load_records, select_split
 from hat.evaluate import evaluate
 from hat.model import HAT
-
-
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("scenes")
-    return generate_scenes(out, n_train=24, n_val=8, n_test=8, image_size=64, seed=1)
-
-
-def _data_args(annotations: Path) -> list[str]:
-    return [
-        f"data.annotations={annotations}",
-        f"data.image_root={annotations.parent}",
-        "data.num_workers=0",
-    ]
 
 
 def _train(run: Path, annotations: Path, *extra: str) -> int:
     return main(
         ["train", "--preset", "tiny", "--run", str(run), "--device", "cpu",
-         *_data_args(annotations), *extra]
+         *data_args(annotations), *extra]
     )  # fmt: skip
 
 
@@ -78,7 +65,7 @@ def test_resume_is_exact(tmp_path: Path, scenes: Path) -> None:
 
 
 def test_two_stage_with_full_shortlist_equals_exhaustive(scenes: Path) -> None:
-    cfg = apply_overrides(get_preset("tiny"), _data_args(scenes))
+    cfg = apply_overrides(get_preset("tiny"), data_args(scenes))
     model = HAT(cfg.model).eval()
     test = select_split(load_records(cfg.data), "test")
     tokenizer = CaptionTokenizer.from_config(model.config.text)
@@ -94,3 +81,20 @@ def test_two_stage_with_full_shortlist_equals_exhaustive(scenes: Path) -> None:
 def test_bad_override_is_a_clear_cli_error(tmp_path: Path, scenes: Path, capsys) -> None:
     assert _train(tmp_path / "x", scenes, "train.epochz=1") == 2
     assert "epochz" in capsys.readouterr().err
+
+
+def test_unreadable_training_images_stop_or_are_skipped(tmp_path: Path, scenes: Path, capsys):
+    import shutil
+
+    data = Path(shutil.copytree(scenes.parent, tmp_path / "data"))
+    annotations = data / scenes.name
+    train = [r for r in load_records(apply_overrides(get_preset("tiny").data, [
+        f"annotations={annotations}", f"image_root={data}"])) if r.split == "train"]  # fmt: skip
+    for record in train[:3]:
+        record.path.write_bytes(b"")
+    assert _train(tmp_path / "strict", annotations, "train.epochs=1") == 2
+    assert train[0].path.name in capsys.readouterr().err
+    assert _train(tmp_path / "lenient", annotations, "train.epochs=1", "data.skip_bad=true") == 0
+    logged = (tmp_path / "lenient" / "metrics.jsonl").read_text().splitlines()
+    skipped = sum(json.loads(r).get("skipped_pairs", 0) for r in logged)
+    assert skipped == 3 * len(train[0].captions)  # every caption of the 3 images

@@ -155,9 +155,10 @@ class DataConfig:
     ``format``: ``karpathy`` (Flickr30K / MSCOCO / Flickr8K split JSON), ``jsonl``
     or ``csv`` (custom folder + captions file). For custom data without a
     ``split`` field, images are split by ``split_ratios`` (train, val, test) with
-    ``split_seed``. With ``skip_bad``, a malformed entry (image record, line or row)
-    is logged as a warning and left out instead of stopping the run; errors about a
-    whole file (missing, not UTF-8, not JSON, bad header) are always raised.
+    ``split_seed``. With ``skip_bad``, a malformed entry (a record, line or row, bytes
+    that are not UTF-8 included, or a training image that cannot be read) is logged as
+    a warning and left out instead of stopping the run; errors about a whole file
+    (missing, UTF-16, not JSON, bad header) are always raised.
     """
 
     format: Literal["karpathy", "jsonl", "csv"] = "karpathy"

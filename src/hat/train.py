@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import random
 import signal
@@ -45,9 +46,10 @@ from hat.checkpoint import (
     restore_rng_state,
     save_training_checkpoint,
 )
-from hat.config import ExperimentConfig, TrainConfig, config_to_dict, save_config
+from hat.config import ConfigError, ExperimentConfig, TrainConfig, config_to_dict, save_config
 from hat.data import (
     CaptionTokenizer,
+    DataError,
     PairCollator,
     PairDataset,
     build_transform,
@@ -69,6 +71,7 @@ __all__ = [
 ]
 
 
+log = logging.getLogger(__name__)
 # Signals after which the Trainer saves its state at the end of the current step and stops.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -286,7 +289,17 @@ class Trainer:
         self.val_records = select_split(records, cfg.train.val_split)
         self.model = HAT(cfg.model, pretrained=True).to(self.device)
         self.tokenizer = CaptionTokenizer.from_config(cfg.model.text)
-        pairs = PairDataset(self.train_records, build_transform(cfg.model.image, train=True))
+        if cfg.data.skip_bad and cfg.train.global_batch_loss and distributed.is_distributed():
+            raise ConfigError(
+                "data.skip_bad cannot be combined with train.global_batch_loss under torchrun: "
+                "a skipped image would leave the processes with batches of different sizes; "
+                "clean the data or turn one of them off"
+            )
+        pairs = PairDataset(
+            self.train_records,
+            build_transform(cfg.model.image, train=True),
+            skip_bad=cfg.data.skip_bad,
+        )
         self.pairs = SeededPairs(pairs, cfg.train.seed)
         self.collate = PairCollator(self.tokenizer)
         self.optimizer = torch.optim.Adam(
@@ -474,10 +487,15 @@ class Trainer:
             total=total, initial=self.state.step_in_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",
             disable=not self.progress, dynamic_ncols=True,
         )  # fmt: skip
-        start, seen = time.perf_counter(), 0
+        start, seen, skipped = time.perf_counter(), 0, 0
         for batch in loader:
             if self.state.step_in_epoch >= total:
                 break
+            skipped += int(batch["skipped"])
+            if batch["images"].shape[0] == 0:
+                self._skip_empty_batch(epoch)
+                bar.update()
+                continue
             loss = self.train_step(batch)
             self.state.step_in_epoch += 1
             self.state.global_step += 1
@@ -496,6 +514,25 @@ class Trainer:
                 self.save("latest")
                 self._interrupt()
         bar.close()
+        if skipped:
+            log.warning(
+                "epoch %d: skipped %d pair(s) whose image was unreadable (data.skip_bad)",
+                epoch + 1, skipped,
+            )  # fmt: skip
+            self._log({"epoch": epoch, "global_step": self.state.global_step,
+                       "skipped_pairs": skipped})  # fmt: skip
+
+    def _skip_empty_batch(self, epoch: int) -> None:
+        """A batch whose every image was unreadable (``data.skip_bad``): no update, but
+        the step counts, so that the resume position stays that of the sampler."""
+        if distributed.is_distributed():
+            raise DataError(
+                f"epoch {epoch + 1} step {self.state.step_in_epoch}: every image of this "
+                "process's batch was unreadable (data.skip_bad); the other processes cannot "
+                "step without it: clean the data or use a larger train.batch_size"
+            )
+        self.state.step_in_epoch += 1
+        self.state.global_step += 1
 
     # ---------------------------------------------------------- interruption
     @contextlib.contextmanager

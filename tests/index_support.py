@@ -1,4 +1,0 @@
-"""Sizes of the scene collection the ``collection`` fixture (conftest.py) generates."""
-
-SCENES = 12
-SCENE_SIZE = 64
