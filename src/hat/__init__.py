@@ -11,9 +11,13 @@ Quick start::
 """
 
 import os
+import time
 
-from hat.config import ExperimentConfig, ModelConfig, get_preset
-from hat.model import HAT, ImageFeatures, Scores, TextFeatures, create_model, list_models
+# When the package began to load: `hat search --timing` counts cold start from here.
+IMPORT_STARTED = time.perf_counter()
+
+from hat.config import ExperimentConfig, ModelConfig, get_preset  # noqa: E402
+from hat.model import HAT, ImageFeatures, Scores, TextFeatures, create_model, list_models  # noqa: E402
 
 __all__ = [
     "HAT",

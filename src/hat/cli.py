@@ -27,7 +27,6 @@ from pathlib import Path
 
 __all__ = ["main"]
 
-_STARTED = time.perf_counter()
 TIMING_REPEATS = 5
 
 
@@ -206,6 +205,7 @@ def _cmd_index_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
+    from hat import IMPORT_STARTED
     from hat.index import Index
 
     if (args.query is None) == (args.image is None):
@@ -237,9 +237,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
             what = hit.path if hit.kind == "image" else f'"{hit.text}"  ({hit.path or "-"})'
             print(f"{rank:3d}. {hit.score:7.3f}  [{levels}]  {what}")
     if args.timing:
+        sys.stdout.flush()
         print(
-            f"timing: cold start to first answer {answered - _STARTED:.2f} s "
-            f"(imports {opened - _STARTED:.2f} s, open index + model {ready - opened:.2f} s, "
+            f"timing: cold start to first answer {answered - IMPORT_STARTED:.2f} s "
+            f"(imports {opened - IMPORT_STARTED:.2f} s, open index + model {ready - opened:.2f} s, "
             f"first query {1e3 * (answered - ready):.1f} ms); warm query median "
             f"{statistics.median(latencies):.1f} ms over {TIMING_REPEATS}",
             file=sys.stderr,
