@@ -10,6 +10,7 @@ docs stay open).
 
 from __future__ import annotations
 
+import functools
 import hmac
 import io
 import time
@@ -43,6 +44,7 @@ UPLOAD_CHUNK = 2**16
 MAX_ID = 2**63 - 1  # SQLite's integer range
 ImageId = Annotated[int, Path(ge=1, le=MAX_ID, description="an image id from a search result")]
 THUMBNAIL_QUALITY = 85
+THUMBNAIL_CACHE = 1024  # thumbnails kept in memory (~20 KB each at 320 px)
 
 
 class TextQuery(BaseModel):
@@ -132,7 +134,6 @@ def create_app(index: Index, cfg: ServeConfig = ServeConfig()) -> FastAPI:
         version="1",
     )
     guarded = APIRouter(dependencies=[Depends(authorize)])
-    thumbnails: dict[int, bytes] = {}
 
     @app.exception_handler(DataError)
     async def data_error(request: Request, err: DataError) -> JSONResponse:
@@ -166,21 +167,24 @@ def create_app(index: Index, cfg: ServeConfig = ServeConfig()) -> FastAPI:
         image = await _read_upload(file, cfg)
         return _hits(index.search_image(image, k, exhaustive), started)
 
+    @functools.lru_cache(maxsize=THUMBNAIL_CACHE)
+    def thumbnail(image_id: int) -> bytes:
+        """JPEG bytes of an image's thumbnail; errors are raised, never cached."""
+        try:
+            picture = load_image(index.image_path(image_id))
+        except KeyError as err:
+            raise HTTPException(404, f"no image with id {image_id}") from err
+        except DataError as err:
+            raise HTTPException(410, "the image file is no longer readable") from err
+        picture.thumbnail((cfg.thumbnail_size, cfg.thumbnail_size))
+        buffer = io.BytesIO()
+        picture.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
+        return buffer.getvalue()
+
     @guarded.get("/images/{image_id}", responses={200: {"content": {"image/jpeg": {}}}})
     def image(image_id: ImageId) -> Response:
         """A JPEG thumbnail of an indexed image, by id."""
-        if image_id not in thumbnails:
-            try:
-                picture = load_image(index.image_path(image_id))
-            except KeyError as err:
-                raise HTTPException(404, f"no image with id {image_id}") from err
-            except DataError as err:
-                raise HTTPException(410, "the image file is no longer readable") from err
-            picture.thumbnail((cfg.thumbnail_size, cfg.thumbnail_size))
-            buffer = io.BytesIO()
-            picture.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
-            thumbnails[image_id] = buffer.getvalue()
-        return Response(thumbnails[image_id], media_type="image/jpeg")
+        return Response(thumbnail(image_id), media_type="image/jpeg")
 
     @guarded.get("/explain/{image_id}", responses={200: {"content": {"image/png": {}}}})
     def explain(
