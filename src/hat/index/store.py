@@ -14,7 +14,8 @@ generation; faiss files are written atomically afterwards and carry the generati
 they were built at. A kill at any moment leaves the previous content searchable
 (an unregistered segment folder is an orphan the next writer removes; a stale faiss
 file is rebuilt in memory by readers). Committed segments never change, so readers
-memory-map them while a writer adds new ones.
+memory-map them while a writer adds new ones. Removing an item deletes its row only:
+its tokens stay in their segment (unreferenced) until the index is rebuilt.
 """
 
 from __future__ import annotations
