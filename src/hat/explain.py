@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision import transforms as T
 
 from hat.align import attention_maps
 from hat.config import ImageTowerConfig, ModelConfig
 from hat.data import CaptionTokenizer
+from hat.data.transforms import eval_geometry
 from hat.model import HAT, ImageFeatures, TextFeatures, similarity
 
 __all__ = [
@@ -104,10 +104,8 @@ class Explanation:
 
 
 def model_view(image: Image.Image, image_cfg: ImageTowerConfig) -> Image.Image:
-    """The evaluation geometry (Resize + CenterCrop) without normalisation: the pixels
-    the model's region grid covers."""
-    geometry = T.Compose([T.Resize(image_cfg.eval_resize), T.CenterCrop(image_cfg.image_size)])
-    return geometry(image.convert("RGB"))
+    """The pixels the model's region grid covers: the evaluation geometry, unnormalised."""
+    return eval_geometry(image_cfg)(image.convert("RGB"))
 
 
 def explain_features(

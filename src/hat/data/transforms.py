@@ -24,6 +24,7 @@ __all__ = [
     "IMAGE_FORMATS",
     "ImageError",
     "build_transform",
+    "eval_geometry",
     "is_image_file",
     "load_image",
 ]
@@ -75,8 +76,14 @@ def build_transform(image_cfg: ImageTowerConfig, train: bool) -> T.Compose:
         if image_cfg.train_hflip:
             geometry.append(T.RandomHorizontalFlip())
     else:
-        geometry = [T.Resize(image_cfg.eval_resize), T.CenterCrop(image_cfg.image_size)]
+        geometry = [eval_geometry(image_cfg)]
     return T.Compose([*geometry, T.ToTensor(), T.Normalize(image_cfg.mean, image_cfg.std)])
+
+
+def eval_geometry(image_cfg: ImageTowerConfig) -> T.Compose:
+    """PIL image -> PIL image: Resize(``eval_resize``) + CenterCrop(``image_size``), the
+    pixels the model sees at evaluation (and that attention maps are drawn over)."""
+    return T.Compose([T.Resize(image_cfg.eval_resize), T.CenterCrop(image_cfg.image_size)])
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

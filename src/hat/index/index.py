@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from hat import distributed
+from hat import align, distributed
 from hat.checkpoint import model_fingerprint, resolve_model
 from hat.config import IndexConfig
 from hat.data import CaptionTokenizer, DataError, build_transform, load_image
@@ -365,8 +365,12 @@ class Index:
     def _rebuild_faiss(self, kind: Kind) -> None:
         generation = self.store.generation()
         ids, segments, rows = self.store.locations(kind)
+        self.store.write_faiss(kind, self._global_index(kind, ids, segments, rows), generation)
+
+    def _global_index(self, kind: Kind, ids: np.ndarray, segments: np.ndarray, rows: np.ndarray):
+        """A faiss index of the global embeddings of the items at (segment, row)."""
         embeddings = self._gather(kind, segments, rows, global_only=True)
-        self.store.write_faiss(kind, global_index(embeddings, ids, self.cfg), generation)
+        return global_index(embeddings, ids, self.cfg)
 
     # -- reading -----------------------------------------------------------------
     def _snapshot(self, kind: Kind) -> _Snapshot:
@@ -381,8 +385,7 @@ class Index:
                 index = self.store.read_faiss(kind, generation)
                 if index is None and len(ids):
                     log.info("the %s faiss index is stale; rebuilding it in memory", kind)
-                    embeddings = self._gather(kind, segments, rows, global_only=True)
-                    index = global_index(embeddings, ids, self.cfg)
+                    index = self._global_index(kind, ids, segments, rows)
                 if index is not None and hasattr(index, "nprobe"):
                     index.nprobe = self.cfg.nprobe
                 position = {int(i): p for p, i in enumerate(ids)}
@@ -547,10 +550,12 @@ class Index:
 
 
 def _pooled_image_similarity(query: ImageFeatures, images: ImageFeatures) -> torch.Tensor:
-    """``(K, n)`` per-level cosine of the query's and each image's mean-pooled tokens."""
-    per_level = []
-    for q, g in zip(query.levels, images.levels):
-        q_mean = torch.nn.functional.normalize(q.float().mean(dim=1), dim=-1)  # (1, d)
-        g_mean = torch.nn.functional.normalize(g.float().mean(dim=1), dim=-1)  # (n, d)
-        per_level.append((g_mean @ q_mean.T)[:, 0])  # (n,)
-    return torch.stack(per_level)  # (K, n)
+    """``(K, n)`` per-level cosine of the query's and each image's mean-pooled tokens
+    (:func:`hat.align.pooled_similarity` with every gallery token counted)."""
+    every_token = torch.full((len(images),), images.levels[0].shape[1])
+    return torch.stack(
+        [
+            align.pooled_similarity(q, g, every_token)[0]  # (n,)
+            for q, g in zip(query.levels, images.levels)
+        ]
+    )  # (K, n)
