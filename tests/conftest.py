@@ -51,7 +51,10 @@ def collection(tmp_path_factory) -> dict[str, Path]:
     (a JSONL file, two captions for each of the first images)."""
     root = tmp_path_factory.mktemp("collection")
     torch.manual_seed(0)
-    save_model(hat.create_model("tiny"), root / "model")
+    model = hat.create_model("tiny")
+    # Random heads, flagged as trained so that search takes its two-stage path.
+    model.global_trained.fill_(True)
+    save_model(model, root / "model")
     data = root / "data"
     generate_scenes(data, n_train=SCENES - 6, n_val=3, n_test=3, image_size=SCENE_SIZE)
     dataset = json.loads((data / "dataset_synth.json").read_text())

@@ -137,6 +137,24 @@ def test_refuses_another_model_and_other_folders(tmp_path, collection):
         Index.create(tmp_path / "index", collection["model"])
 
 
+def test_info_and_remove_never_load_the_model(tmp_path, collection, images_copy):
+    """The model is loaded at its first use; a replaced model file is refused there."""
+    shutil.copytree(collection["model"], tmp_path / "model")
+    Index.create(tmp_path / "index", tmp_path / "model").close()
+    with Index.open(tmp_path / "index", writable=True) as index:
+        index.add_images(images_copy, progress=False)
+    torch.manual_seed(1)
+    shutil.rmtree(tmp_path / "model")
+    save_model(hat.create_model("tiny"), tmp_path / "model")  # another model, same path
+    victim = sorted(images_copy.rglob("*.png"))[0]
+    assert main(["index", "info", str(tmp_path / "index")]) == 0
+    assert main(["index", "remove", str(tmp_path / "index"), str(victim)]) == 0
+    with Index.open(tmp_path / "index") as index:
+        assert index.info()["images"] == SCENES - 1
+        with pytest.raises(IndexFormatError, match="fingerprint"):
+            index.search_text("a red circle")
+
+
 def test_unreadable_files_are_reported_and_skipped(tmp_path, collection, images_copy):
     (images_copy / "empty.jpg").write_bytes(b"")
     (images_copy / "notes.png").write_text("not an image")

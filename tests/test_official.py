@@ -171,6 +171,7 @@ def test_import_reproduces_the_model(tmp_path: Path) -> None:
     imported = import_official_checkpoint(path, out_dir=tmp_path / "model", model_config=CFG)
     fresh = _model(2)  # what the global heads are without the release
     assert not imported.training
+    assert not imported.has_trained_global  # the release has no global heads
     for key, value in imported.state_dict().items():
         expected = fresh if key.startswith(GLOBAL_HEADS) else original
         assert torch.equal(value, expected.state_dict()[key]), key

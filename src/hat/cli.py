@@ -112,6 +112,29 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fit_global(args: argparse.Namespace) -> int:
+    from hat.checkpoint import resolve_model, save_model
+    from hat.config import DataConfig, GlobalFitConfig, apply_overrides
+    from hat.data import CaptionTokenizer, load_records, select_split
+    from hat.global_heads import fit_global_heads
+    from hat.train import pick_device
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} is not empty; give a new folder for the fitted model")
+    data = DataConfig(format=args.format, annotations=args.annotations, image_root=args.image_root)
+    cfg = apply_overrides(GlobalFitConfig(), args.overrides)
+    device = pick_device(args.device)
+    model = resolve_model(args.model, args.which).to(device)
+    records = select_split(load_records(data), args.split)
+    tokenizer = CaptionTokenizer.from_config(model.config.text)
+    report = fit_global_heads(model, records, tokenizer, device, cfg)
+    save_model(model.cpu(), out, tokenizer=tokenizer.tokenizer)
+    print(json.dumps(report.to_dict(), indent=2))
+    print(f"wrote model directory {out}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from hat.checkpoint import resolve_model, save_model
 
@@ -341,6 +364,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device")
     ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="DataConfig overrides")
     ev.set_defaults(func=_cmd_evaluate)
+
+    fit = sub.add_parser(
+        "fit-global",
+        help="fit the global-embedding heads (two-stage search) of a trained model, towers frozen",
+    )  # fmt: skip
+    fit.add_argument("model", help="model directory, run folder or training checkpoint")
+    fit.add_argument("--which", default="best", choices=["best", "latest"])
+    fit.add_argument("--out", required=True, help="new model directory to write")
+    fit.add_argument("--format", default="karpathy", choices=["karpathy", "jsonl", "csv"])
+    fit.add_argument("--annotations", required=True, help="Karpathy JSON / JSONL / CSV file")
+    fit.add_argument("--image-root", required=True, help="folder the image paths are relative to")
+    fit.add_argument("--split", default="train")
+    fit.add_argument("--device")
+    fit.add_argument(
+        "--set", dest="overrides", nargs="+", metavar="KEY=VALUE", default=[],
+        help="GlobalFitConfig fields, e.g. --set epochs=20 batch_size=256",
+    )  # fmt: skip
+    fit.set_defaults(func=_cmd_fit_global)
 
     export = sub.add_parser("export", help="write a run's checkpoint as a model directory")
     export.add_argument("run", help="run folder or training checkpoint")

@@ -127,8 +127,9 @@ class ModelConfig:
 
     ``global_dim`` is the width of the global embeddings used to shortlist
     candidates before exact scoring: the mean of level ``global_level``'s projected
-    tokens through a Linear head, l2-normalised. They only help retrieval when the
-    model was trained with ``train.global_loss_weight > 0``.
+    tokens (an index into ``levels``) through a Linear head, l2-normalised. They only
+    help retrieval once trained: with ``train.global_loss_weight > 0`` or afterwards,
+    towers frozen, by ``hat fit-global``.
     """
 
     name: str = "paper"
@@ -230,6 +231,26 @@ class RetrievalConfig:
     storage_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     image_block: int = 64
+
+
+@dataclass(frozen=True)
+class GlobalFitConfig:
+    """How ``hat fit-global`` fits the global-embedding heads of a trained model.
+
+    The towers are frozen: every training image and caption is encoded once and
+    pooled (level ``model.global_level``), then only the two Linear heads are trained
+    with the symmetric InfoNCE of ``batch_size`` images against one of their own
+    captions each (a different one every epoch), at ``temperature``.
+    """
+
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    temperature: float = 0.05
+    encode_batch_size: int = 64
+    num_workers: int = 2
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -359,6 +380,7 @@ def _presets() -> dict[str, ExperimentConfig]:
             ),
             embed_dim=128,
             global_dim=64,
+            global_level=0,  # the 8x8-region level carries most of these scenes' signal
         ),
         data=DataConfig(num_workers=0),  # on 2 cores, loader workers only compete
         train=TrainConfig(

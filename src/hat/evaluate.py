@@ -14,7 +14,8 @@ those of a single process. Every process returns the same report.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +30,11 @@ from hat.metrics import fold_metrics, retrieval_metrics
 from hat.model import HAT, ImageFeatures, Scores, TextFeatures, similarity
 from hat.search import TwoStageScores, two_stage_similarity
 
+log = logging.getLogger(__name__)
+
 __all__ = [
+    "caption_batches",
+    "image_batches",
     "EvalReport",
     "encode_and_score",
     "encode_captions",
@@ -74,6 +79,40 @@ class EvalReport:
         }
 
 
+def image_batches(
+    model: HAT,
+    records: Sequence[ImageRecord],
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> Iterator[torch.Tensor]:
+    """The records' images in order, evaluation transform applied, as ``(B, 3, H, W)``
+    batches on ``device``."""
+    loader = DataLoader(
+        ImageDataset(records, build_transform(model.config.image, train=False)),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=image_collate,
+    )
+    for batch in tqdm(loader, desc="encode images", disable=not progress, leave=False):
+        yield batch["images"].to(device)
+
+
+def caption_batches(
+    captions: Sequence[str],
+    tokenizer: CaptionTokenizer,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The captions in order as ``(B, L)`` token ids and attention masks on ``device``."""
+    starts = range(0, len(captions), batch_size)
+    for start in tqdm(starts, desc="encode captions", disable=not progress, leave=False):
+        batch = tokenizer(list(captions[start : start + batch_size]))
+        yield batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
 @torch.no_grad()
 def encode_images(
     model: HAT,
@@ -85,17 +124,9 @@ def encode_images(
     progress: bool = True,
 ) -> ImageFeatures:
     """Per-level tokens of every image, encoded once, kept on the CPU in ``storage_dtype``."""
-    transform = build_transform(model.config.image, train=False)
-    loader = DataLoader(
-        ImageDataset(records, transform),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=image_collate,
-    )
     parts = []
-    for batch in tqdm(loader, desc="encode images", disable=not progress, leave=False):
-        feats = model.encode_image(batch["images"].to(device))
-        parts.append(feats.to(device="cpu", dtype=storage_dtype))
+    for images in image_batches(model, records, batch_size, device, num_workers, progress):
+        parts.append(model.encode_image(images).to(device="cpu", dtype=storage_dtype))
     return ImageFeatures.cat(parts)
 
 
@@ -111,11 +142,8 @@ def encode_captions(
 ) -> TextFeatures:
     """Per-level tokens and lengths of every caption, encoded once, on the CPU."""
     parts = []
-    starts = range(0, len(captions), batch_size)
-    for start in tqdm(starts, desc="encode captions", disable=not progress, leave=False):
-        batch = tokenizer(list(captions[start : start + batch_size]))
-        feats = model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        parts.append(feats.to(device="cpu", dtype=storage_dtype))
+    for input_ids, mask in caption_batches(captions, tokenizer, batch_size, device, progress):
+        parts.append(model.encode_text(input_ids, mask).to(device="cpu", dtype=storage_dtype))
     return TextFeatures.cat(parts)
 
 
@@ -242,9 +270,10 @@ def evaluate(
     Tokens are kept on the host in ``retrieval.storage_dtype``. In a process group the
     work is shared out (see the module docstring) and every process gets the report;
     only rank 0 shows progress bars.
-    ``retrieval.shortlist_k > 0`` adds ``hat_two_stage``: each query's ``k`` candidates by global
-    embedding reranked with HAT's exact score; a positive outside the shortlist counts
-    as ranked last.
+    ``retrieval.shortlist_k > 0`` adds ``hat_two_stage``: each caption's ``k`` candidate
+    images and each image's ``k x captions_per_image`` candidate captions (the same share
+    of either gallery) by global embedding, reranked with HAT's exact score; a positive
+    outside the shortlist counts as ranked last.
     """
     short = [r.image_id for r in records if len(r.captions) < captions_per_image]
     if short:
@@ -264,8 +293,19 @@ def evaluate(
         )  # fmt: skip
         two = None
         if retrieval.shortlist_k > 0:
+            if not model.has_trained_global:
+                log.warning(
+                    "two-stage scores with untrained global heads shortlist at random; "
+                    "fit them with `hat fit-global` first"
+                )  # fmt: skip
             two = two_stage_similarity(
-                model.config, img, txt, retrieval.shortlist_k, device, retrieval
+                model.config,
+                img,
+                txt,
+                retrieval.shortlist_k,
+                device,
+                retrieval,
+                caption_k=retrieval.shortlist_k * captions_per_image,
             )
     finally:
         model.train(was_training)

@@ -142,6 +142,11 @@ class HAT(nn.Module):
         )
         self.image_global = Projection(cfg.embed_dim, cfg.global_dim, cfg.proj_init_std)
         self.text_global = Projection(cfg.embed_dim, cfg.global_dim, cfg.proj_init_std)
+        # Whether the global heads were trained for the towers they sit on (by
+        # ``train.global_loss_weight > 0`` or :func:`hat.global_heads.fit_global_heads`);
+        # saved with the weights, so an imported or InfoNCE-free model is known to have
+        # random heads and search does not shortlist with them.
+        self.register_buffer("global_trained", torch.zeros((), dtype=torch.bool))
 
     @property
     def num_levels(self) -> int:
@@ -151,19 +156,38 @@ class HAT(nn.Module):
         """images ``(N, 3, H, W)`` normalised -> per-level ``(N, R_k, d)`` tokens and the
         ``(N, g)`` global embedding."""
         levels = self.image_tower(images)
-        pooled = levels[self.config.global_level].mean(dim=1)  # (N, d)
-        return ImageFeatures(levels, F.normalize(self.image_global(pooled), dim=-1))
+        return ImageFeatures(levels, self.image_global_embedding(self.pool_image(levels)))
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
         """token ids and mask ``(M, L)`` -> per-level ``(M, L, d)`` tokens, lengths and the
         ``(M, g)`` global embedding."""
         levels = self.text_tower(input_ids, attention_mask)
+        pooled = self.pool_text(levels, attention_mask)
+        return TextFeatures(levels, attention_mask.sum(dim=1), self.text_global_embedding(pooled))
+
+    def pool_image(self, levels: list[Tensor]) -> Tensor:
+        """``(N, d)`` mean of level ``global_level``'s ``(N, R, d)`` projected tokens."""
+        return levels[self.config.global_level].mean(dim=1)
+
+    def pool_text(self, levels: list[Tensor], attention_mask: Tensor) -> Tensor:
+        """``(M, d)`` mean of level ``global_level``'s ``(M, L, d)`` projected tokens over
+        the words of the ``(M, L)`` attention mask."""
         mask = attention_mask.to(levels[0].dtype)[:, :, None]  # (M, L, 1)
         tokens = levels[self.config.global_level]  # (M, L, d)
-        pooled = (tokens * mask).sum(dim=1) / mask.sum(dim=1)  # (M, d)
-        return TextFeatures(
-            levels, attention_mask.sum(dim=1), F.normalize(self.text_global(pooled), dim=-1)
-        )
+        return (tokens * mask).sum(dim=1) / mask.sum(dim=1)
+
+    def image_global_embedding(self, pooled: Tensor) -> Tensor:
+        """``(N, d)`` pooled tokens -> ``(N, g)`` l2-normalised global embeddings."""
+        return F.normalize(self.image_global(pooled), dim=-1)
+
+    def text_global_embedding(self, pooled: Tensor) -> Tensor:
+        """``(M, d)`` pooled tokens -> ``(M, g)`` l2-normalised global embeddings."""
+        return F.normalize(self.text_global(pooled), dim=-1)
+
+    @property
+    def has_trained_global(self) -> bool:
+        """Whether the global embeddings are worth shortlisting with (see ``global_trained``)."""
+        return bool(self.global_trained)
 
     def similarity(
         self, images: ImageFeatures, captions: TextFeatures, block_bytes: int | None = None

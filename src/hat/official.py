@@ -39,8 +39,9 @@ Dropped by name: the unused stage-1 norm ``vit_model.norm_0``, the classifier
 (:data:`UNUSED_PREFIXES`). Any other tensor, any model tensor left unfilled and any
 shape that differs fails the import with every offending name listed. The global
 embedding heads of this package (``image_global``, ``text_global``) are not part of
-the release: they keep their initialisation, so two-stage search needs them trained
-before it helps.
+the release: they keep their initialisation and ``global_trained`` stays false, so
+search scores every item exactly until ``hat fit-global`` fits them
+(:mod:`hat.global_heads`).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ TEXT = "text_transformer."
 # Official projection suffixes of the three levels, lowest level first.
 LEVEL_SUFFIXES = ("_1", "_2", "")
 # Tensors of this package that the release does not have.
-NOT_IN_RELEASE = ("image_global.", "text_global.")
+NOT_IN_RELEASE = ("image_global.", "text_global.", "global_trained")
 # Buffers that older libraries saved and current ones recompute (checked, not loaded).
 RECOMPUTED_BUFFERS = ("relative_position_index", "attn_mask", "position_ids", "token_type_ids")
 # Parts of the release (and of METER, on which the reference is built) that HAT never uses.

@@ -122,17 +122,21 @@ def two_stage_similarity(
     k: int,
     device: torch.device,
     retrieval: RetrievalConfig = RetrievalConfig(),
+    caption_k: int | None = None,
 ) -> TwoStageScores:
-    """Shortlist ``k`` candidates per query by global embedding, rerank them with HAT.
+    """Shortlist candidates per query by global embedding, rerank them with HAT.
 
-    Both directions: each image against its ``k`` best captions (i2t) and each caption
-    against its ``k`` best images (t2i); all shortlisted pairs are scored as pairs
-    (:func:`rerank_pairs`), never as blocks of all pairs.
+    Both directions: each caption against its ``k`` best images (t2i) and each image
+    against its ``caption_k`` (default ``k``) best captions (i2t); all shortlisted pairs
+    are scored as pairs (:func:`rerank_pairs`), never as blocks of all pairs.
     """
     n, m = len(images), len(captions)
+    caption_k = k if caption_k is None else caption_k
     i2t = torch.full((n, m), float("-inf"))
     t2i = torch.full((n, m), float("-inf"))
-    cap_candidates = shortlist(images.global_embedding, captions.global_embedding, k)  # (N, k)
+    cap_candidates = shortlist(
+        images.global_embedding, captions.global_embedding, caption_k
+    )  # (N, caption_k)
     img_candidates = shortlist(captions.global_embedding, images.global_embedding, k)  # (M, k)
     rows = torch.arange(n)[:, None].expand_as(cap_candidates).reshape(-1)  # (N k,)
     cols = cap_candidates.reshape(-1)

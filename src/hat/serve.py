@@ -210,4 +210,5 @@ def serve(index: Index, cfg: ServeConfig = ServeConfig()) -> None:
     """Run the web app with uvicorn on ``cfg.host:cfg.port`` until interrupted."""
     import uvicorn
 
+    index.model  # noqa: B018 -- load the model now, not at the first request
     uvicorn.run(create_app(index, cfg), host=cfg.host, port=cfg.port, log_level="info")

@@ -288,6 +288,7 @@ class Trainer:
         self.train_records = select_split(records, "train")
         self.val_records = select_split(records, cfg.train.val_split)
         self.model = HAT(cfg.model, pretrained=True).to(self.device)
+        self.model.global_trained.fill_(cfg.train.global_loss_weight > 0)
         self.tokenizer = CaptionTokenizer.from_config(cfg.model.text)
         if cfg.data.skip_bad and cfg.train.global_batch_loss and distributed.is_distributed():
             raise ConfigError(

@@ -4,7 +4,8 @@ Pipeline (``add_images``): find files -> read, hash and decode (DataLoader
 workers) -> encode in batches -> write segments (one committed transaction per
 ``commit_every`` images) -> rebuild the global-embedding faiss index.
 Search is two-stage by default: shortlist by global embedding (faiss), then rank
-the shortlist with HAT's exact score; ``exhaustive=True`` scores every item.
+the shortlist with HAT's exact score; ``exhaustive=True`` scores every item, and so
+does a model whose global heads were never trained (``HAT.has_trained_global``).
 
 Shape legend: ``n`` items, ``T_k`` tokens of level ``k``, ``L`` words, ``d`` joint
 width, ``g`` global width, ``K`` levels.
@@ -119,18 +120,38 @@ class Index:
     def __init__(
         self,
         store: IndexStore,
-        model: HAT,
+        model: HAT | None,
         cfg: IndexConfig,
         device: torch.device,
     ) -> None:
         self.store = store
-        self.model = model.to(device).eval()
-        self.tokenizer = CaptionTokenizer.from_config(model.config.text)
         self.cfg = cfg
         self.device = device
+        self._model = None if model is None else model.to(device).eval()
+        self._tokenizer: CaptionTokenizer | None = None
         self._lock = threading.RLock()
         self._generation = -1
         self._snapshots: dict[str, _Snapshot] = {}
+        self._warned_untrained = False
+
+    @property
+    def model(self) -> HAT:
+        """The model the index was built with; loaded (and its fingerprint checked) on
+        first use, so that ``info`` and ``remove`` never load it."""
+        with self._lock:
+            if self._model is None:
+                source = self.store.manifest.model_path
+                self._model = _verified(resolve_model(source), self.store, source)
+                self._model.to(self.device).eval()
+            return self._model
+
+    @property
+    def tokenizer(self) -> CaptionTokenizer:
+        """The caption tokenizer of :attr:`model`'s text tower."""
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = CaptionTokenizer.from_config(self.model.config.text)
+            return self._tokenizer
 
     # -- opening -----------------------------------------------------------------
     @classmethod
@@ -163,22 +184,19 @@ class Index:
         writable: bool = False,
     ) -> Index:
         """Open an index; ``model`` (a path or a loaded :class:`HAT`) defaults to the
-        model the index was built with. Refuses a model of another fingerprint."""
+        model the index was built with, which is then loaded at its first use. A given
+        model is checked now: one of another fingerprint is refused."""
         store = IndexStore.open(root, readonly=not writable)
-        source = model if model is not None else store.manifest.model_path
-        if isinstance(source, HAT):
-            loaded, where = source, "the given model"
-        else:
-            loaded, where = resolve_model(source), str(source)
-        fingerprint = model_fingerprint(loaded)
-        if fingerprint != store.manifest.fingerprint:
-            store.close()
-            raise IndexFormatError(
-                f"index {root} was built with model {store.manifest.model_path} "
-                f"(fingerprint {store.manifest.fingerprint[:12]}), but {where} has fingerprint "
-                f"{fingerprint[:12]}: its features would not match; open the index with the "
-                f"model it was built with or rebuild it with `hat index build`"
-            )
+        loaded = None
+        if model is not None:
+            try:
+                if isinstance(model, HAT):
+                    loaded = _verified(model, store, "the given model")
+                else:
+                    loaded = _verified(resolve_model(model), store, str(model))
+            except BaseException:
+                store.close()
+                raise
         return cls(store, loaded, cfg, torch.device(device))
 
     def close(self) -> None:
@@ -482,6 +500,15 @@ class Index:
         snap = self._snapshot(kind)
         if not len(snap.ids):
             return []
+        if not exhaustive and not self.model.has_trained_global:
+            if not self._warned_untrained:
+                log.warning(
+                    "model %s has untrained global heads (imported, or trained without "
+                    "train.global_loss_weight): scoring every item exactly; `hat fit-global` "
+                    "fits them for two-stage search", self.store.manifest.model_path,
+                )  # fmt: skip
+                self._warned_untrained = True
+            exhaustive = True
         if exhaustive or snap.faiss is None:
             positions = np.arange(len(snap.ids))
         else:
@@ -547,6 +574,20 @@ class Index:
         return explain_features(
             self.model.config, self.store.manifest.grids, feats, text, tokens, shown, caption, view
         )
+
+
+def _verified(model: HAT, store: IndexStore, where: str) -> HAT:
+    """``model`` if its fingerprint is the one the index was built with."""
+    fingerprint = model_fingerprint(model)
+    manifest = store.manifest
+    if fingerprint != manifest.fingerprint:
+        raise IndexFormatError(
+            f"index {store.root} was built with model {manifest.model_path} "
+            f"(fingerprint {manifest.fingerprint[:12]}), but {where} has fingerprint "
+            f"{fingerprint[:12]}: its features would not match; open the index with the "
+            f"model it was built with or rebuild it with `hat index build`"
+        )
+    return model
 
 
 def _pooled_image_similarity(query: ImageFeatures, images: ImageFeatures) -> torch.Tensor:
