@@ -351,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--folds", type=int, default=0, help="5 for the MSCOCO 1K protocol")
     ev.add_argument(
         "--shortlist-k", type=int, default=RetrievalConfig.shortlist_k,
-        help="also report two-stage retrieval: k candidates by global embedding, reranked",
+        help="also report two-stage retrieval: each caption's k images and each image's "
+        "k x captions-per-image captions by global embedding, reranked exactly",
     )  # fmt: skip
     ev.add_argument(
         "--storage-dtype", default=RetrievalConfig.storage_dtype,
