@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hat.align import paired_similarity, similarity
+from hat.align import grouped_similarity, similarity
 
 LAMBDA = 9.0
 EPS = 1e-8
@@ -136,11 +136,25 @@ def test_bad_inputs_are_rejected() -> None:
 
 
 @pytest.mark.parametrize("direction", ["i2t", "t2i"])
-def test_paired_similarity_is_the_diagonal(direction):
+def test_grouped_similarity_is_the_same_entries(direction):
+    """Each group's own block equals those entries of the all-pairs scores: one image
+    with its candidate captions, one caption with its candidate images, single pairs."""
     torch.manual_seed(3)
     images = torch.randn(9, 12, 16, dtype=torch.float64)
-    captions = torch.randn(9, 7, 16, dtype=torch.float64)
-    lengths = torch.randint(1, 8, (9,))
-    full = similarity(images, captions, lengths, direction, 9.0)  # (9, 9)
-    paired = paired_similarity(images, captions, lengths, direction, 9.0)  # (9,)
-    assert torch.allclose(paired, full.diagonal(), atol=1e-12)
+    captions = torch.randn(11, 7, 16, dtype=torch.float64)
+    lengths = torch.randint(1, 8, (11,))
+    full = similarity(images, captions, lengths, direction, 9.0)  # (9, 11)
+    cands = torch.stack([torch.randperm(11)[:4] for _ in range(9)])  # (9, 4) captions
+    per_image = grouped_similarity(
+        images[:, None], captions[cands], lengths[cands], direction, 9.0
+    )  # (9, 1, 4)
+    assert torch.allclose(per_image[:, 0], full.gather(1, cands), atol=1e-12)
+    img_cands = torch.stack([torch.randperm(9)[:3] for _ in range(11)])  # (11, 3) images
+    per_caption = grouped_similarity(
+        images[img_cands], captions[:, None], lengths[:, None], direction, 9.0
+    )  # (11, 3, 1)
+    assert torch.allclose(per_caption[:, :, 0], full.T.gather(1, img_cands), atol=1e-12)
+    pairs = grouped_similarity(
+        images[:, None], captions[:9, None], lengths[:9, None], direction, 9.0
+    )  # (9, 1, 1)
+    assert torch.allclose(pairs[:, 0, 0], full[:, :9].diagonal(), atol=1e-12)

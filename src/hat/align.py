@@ -32,7 +32,7 @@ from torch import Tensor
 __all__ = [
     "DEFAULT_BLOCK_BYTES",
     "attention_maps",
-    "paired_similarity",
+    "grouped_similarity",
     "pooled_embeddings",
     "EPS",
     "LEAKY_SLOPE",
@@ -63,8 +63,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _padding_bias(word_mask: Tensor, dtype: torch.dtype) -> Tensor:
     """(M, L) additive softmax bias: 0 for words, -inf for padding."""
-    zeros = torch.zeros(word_mask.shape, dtype=dtype, device=word_mask.device)
-    return zeros.masked_fill_(~word_mask, float("-inf"))
+    return torch.where(word_mask, 0.0, float("-inf")).to(dtype)
 
 
 def _block_scores(
@@ -195,46 +194,29 @@ def similarity(
     return out
 
 
-def paired_similarity(
+def grouped_similarity(
     images: Tensor,
     captions: Tensor,
     caption_lengths: Tensor,
     direction: Literal["i2t", "t2i"] = "i2t",
     lambda_softmax: float = 9.0,
 ) -> Tensor:
-    """HAT alignment score of image ``p`` with caption ``p`` for each of ``P`` pairs.
+    """HAT alignment scores of ``Q`` independent groups, each its own small block.
 
-    The diagonal of :func:`similarity` without the off-diagonal work: images
-    ``(P, R, d)``, captions ``(P, L, d)`` with ``caption_lengths`` ``(P,)`` -> ``(P,)``.
-    For reranking shortlists, where each query meets a different set of candidates.
-    All products of a call come from two batched matrix multiplications.
+    Group ``q`` scores its ``A`` images against its own ``B`` captions: images
+    ``(Q, A, R, d)``, captions ``(Q, B, L, d)`` with ``caption_lengths`` ``(Q, B)`` ->
+    ``(Q, A, B)``, the same numbers :func:`similarity` gives for those pairs. For
+    reranking shortlists: one image with its ``k`` candidate captions (``A = 1``), one
+    caption with its ``k`` candidate images (``B = 1``), or one pair (``A = B = 1``).
+    The block scorer is vectorised over groups (``torch.func.vmap``), so each group's
+    products are one batched matrix multiplication and the query's own terms (norms,
+    Gram matrix) are computed once per group, not once per pair.
     """
-    cdtype = _compute_dtype(images.dtype)
-    positions = torch.arange(captions.shape[1], device=captions.device)
-    word_mask = positions[None, :] < caption_lengths.to(captions.device)[:, None]  # (P, L)
-    captions = captions * word_mask[:, :, None].to(captions.dtype)  # zero padding
-    s = torch.bmm(images, captions.transpose(1, 2)).to(cdtype)  # (P, R, L)
-    a = F.leaky_relu(s, LEAKY_SLOPE)
-    mask = word_mask.to(cdtype)  # (P, L)
-    if direction == "i2t":
-        scale = lambda_softmax / (torch.linalg.vector_norm(a, dim=1, keepdim=True) + EPS)
-        bias = _padding_bias(word_mask, cdtype)[:, None, :]  # (P, 1, L)
-        alpha = torch.softmax(a * scale + bias, dim=2)  # (P, R, L), over words
-        numer = (alpha * s).sum(dim=2)  # (P, R)
-        gram = torch.bmm(captions, captions.transpose(1, 2)).to(cdtype)  # (P, L, L)
-        ctx_sq = (torch.bmm(alpha, gram) * alpha).sum(dim=2)  # (P, R)
-        q_norm = torch.linalg.vector_norm(images.to(cdtype), dim=2)  # (P, R)
-        cos = numer / (q_norm * ctx_sq.clamp_min(0).sqrt()).clamp_min(EPS)  # (P, R)
-        return cos.mean(dim=1)  # (P,)
-    a = a * mask[:, None, :]
-    a = a / (torch.linalg.vector_norm(a, dim=2, keepdim=True) + EPS)  # across words
-    alpha = torch.softmax(lambda_softmax * a, dim=1)  # (P, R, L), over regions
-    numer = (alpha * s).sum(dim=1)  # (P, L)
-    gram = torch.bmm(images, images.transpose(1, 2)).to(cdtype)  # (P, R, R)
-    ctx_sq = (torch.bmm(gram, alpha) * alpha).sum(dim=1)  # (P, L)
-    q_norm = torch.linalg.vector_norm(captions.to(cdtype), dim=2)  # (P, L)
-    cos = numer / (q_norm * ctx_sq.clamp_min(0).sqrt()).clamp_min(EPS)  # (P, L)
-    return (cos * mask).sum(dim=1) / mask.sum(dim=1)  # (P,)
+    positions = torch.arange(captions.shape[2], device=captions.device)
+    word_mask = positions < caption_lengths.to(captions.device)[..., None]  # (Q, B, L)
+    captions = captions * word_mask[..., None].to(captions.dtype)  # zero padding
+    scores = torch.func.vmap(_block_scores, in_dims=(0, 0, 0, None, None))
+    return scores(images, captions, word_mask, direction, lambda_softmax)  # (Q, A, B)
 
 
 def pooled_embeddings(

@@ -26,7 +26,7 @@ __all__ = [
     "TextFeatures",
     "create_model",
     "list_models",
-    "paired_similarity",
+    "grouped_similarity",
     "similarity",
 ]
 
@@ -246,19 +246,30 @@ def similarity(
     return Scores(levels=per_level, total=per_level.sum(dim=0))
 
 
-def paired_similarity(images: ImageFeatures, captions: TextFeatures, cfg: ModelConfig) -> Tensor:
-    """``(K, P)`` per-level scores of image ``p`` with caption ``p``, for ``P`` pairs
-    (the diagonal of :func:`similarity`, computed without the rest)."""
+def grouped_similarity(
+    image_levels: list[Tensor],
+    caption_levels: list[Tensor],
+    caption_lengths: Tensor,
+    cfg: ModelConfig,
+) -> Tensor:
+    """``(K, Q, A, B)`` per-level scores of ``Q`` groups, each of ``A`` images
+    (``(Q, A, R_k, d)`` per level) against its own ``B`` captions (``(Q, B, L, d)`` per
+    level, lengths ``(Q, B)``): the entries :func:`similarity` gives for those pairs,
+    without the pairs across groups (:func:`hat.align.grouped_similarity`)."""
 
     def level_score(img: Tensor, cap: Tensor) -> Tensor:
         if cfg.alignment == "mean_pool":
-            image_mean, caption_mean = align.pooled_embeddings(img, cap, captions.lengths)
-            return (image_mean * caption_mean).sum(dim=-1)  # (P,)
-        return align.paired_similarity(
-            img, cap, captions.lengths, cfg.direction, cfg.lambda_softmax
-        )
+            q, a, r, d = img.shape
+            _, b, length, _ = cap.shape
+            image_mean, caption_mean = align.pooled_embeddings(
+                img.reshape(q * a, r, d), cap.reshape(q * b, length, d), caption_lengths.reshape(-1)
+            )
+            return image_mean.view(q, a, d) @ caption_mean.view(q, b, d).transpose(1, 2)
+        return align.grouped_similarity(
+            img, cap, caption_lengths, cfg.direction, cfg.lambda_softmax
+        )  # (Q, A, B)
 
-    return torch.stack([level_score(i, c) for i, c in zip(images.levels, captions.levels)])
+    return torch.stack([level_score(i, c) for i, c in zip(image_levels, caption_levels)])
 
 
 def list_models() -> list[str]:

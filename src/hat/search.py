@@ -7,6 +7,7 @@ Shape legend: ``N`` images, ``M`` captions, ``Q`` queries, ``G`` gallery items,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import faiss
 import numpy as np
@@ -15,12 +16,12 @@ from torch import Tensor
 
 from hat.align import DEFAULT_BLOCK_BYTES, scoring_dtype
 from hat.config import IndexConfig, ModelConfig, RetrievalConfig
-from hat.model import ImageFeatures, TextFeatures, paired_similarity
+from hat.model import ImageFeatures, TextFeatures, grouped_similarity
 
 __all__ = [
     "TwoStageScores",
     "global_index",
-    "rerank_pairs",
+    "rerank",
     "shortlist",
     "two_stage_similarity",
 ]
@@ -90,27 +91,47 @@ def _pairs_per_chunk(images: ImageFeatures, captions: TextFeatures, budget: int)
 
 
 @torch.no_grad()
-def rerank_pairs(
+def rerank(
     model_cfg: ModelConfig,
     images: ImageFeatures,
     captions: TextFeatures,
-    image_index: Tensor,
-    caption_index: Tensor,
+    candidates: Tensor,
+    queries: Literal["image", "caption"],
     device: torch.device,
     retrieval: RetrievalConfig = RetrievalConfig(),
 ) -> Tensor:
-    """HAT's exact summed score of each listed pair ``(image_index[p], caption_index[p])``:
-    ``(P,)`` float32 on the CPU, computed in chunks of pairs sized from
-    :data:`hat.align.DEFAULT_BLOCK_BYTES`."""
+    """HAT's exact summed score of each query with each of its candidates.
+
+    ``queries="image"``: query ``q`` is image ``q`` and ``candidates`` ``(N, k)`` are
+    caption indices; ``"caption"``: query ``q`` is caption ``q`` and ``candidates``
+    ``(M, k)`` are image indices. Returns ``(Q, k)`` float32 on the CPU. Each query is
+    scored against its own candidates as one group (:func:`hat.model.grouped_similarity`),
+    in chunks of queries sized from :data:`hat.align.DEFAULT_BLOCK_BYTES`.
+    """
     dtype = scoring_dtype(retrieval.compute_dtype, device)
-    out = torch.empty(image_index.numel())
-    step = _pairs_per_chunk(images, captions, DEFAULT_BLOCK_BYTES)
-    for start in range(0, image_index.numel(), step):
-        imgs = images[image_index[start : start + step]].to(device, dtype)
-        caps = captions[caption_index[start : start + step]].to(device, dtype)
-        out[start : start + step] = (
-            paired_similarity(imgs, caps, model_cfg).sum(dim=0).float().cpu()
-        )
+    num_queries, k = candidates.shape
+    out = torch.empty(num_queries, k)
+    step = max(1, _pairs_per_chunk(images, captions, DEFAULT_BLOCK_BYTES) // max(k, 1))
+    for start in range(0, num_queries, step):
+        chunk = torch.arange(start, min(start + step, num_queries))  # (Qc,)
+        cand = candidates[chunk]  # (Qc, k)
+        if queries == "image":
+            lengths = captions.lengths[cand]  # (Qc, k)
+            words = int(lengths.max())
+            imgs = [t[chunk][:, None] for t in images.levels]  # (Qc, 1, R, d) each
+            caps = [t[:, :words][cand] for t in captions.levels]  # (Qc, k, L, d) each
+        else:
+            lengths = captions.lengths[chunk][:, None]  # (Qc, 1)
+            words = int(lengths.max())
+            imgs = [t[cand] for t in images.levels]  # (Qc, k, R, d) each
+            caps = [t[chunk, :words][:, None] for t in captions.levels]  # (Qc, 1, L, d) each
+        scores = grouped_similarity(
+            [t.to(device, dtype) for t in imgs],
+            [t.to(device, dtype) for t in caps],
+            lengths.to(device),
+            model_cfg,
+        ).sum(dim=0)  # (Qc, A, B)
+        out[chunk] = scores.reshape(len(chunk), k).float().cpu()
     return out
 
 
@@ -127,8 +148,8 @@ def two_stage_similarity(
     """Shortlist candidates per query by global embedding, rerank them with HAT.
 
     Both directions: each caption against its ``k`` best images (t2i) and each image
-    against its ``caption_k`` (default ``k``) best captions (i2t); all shortlisted pairs
-    are scored as pairs (:func:`rerank_pairs`), never as blocks of all pairs.
+    against its ``caption_k`` (default ``k``) best captions (i2t); each query is scored
+    against its own shortlist only (:func:`rerank`), never as blocks of all pairs.
     """
     n, m = len(images), len(captions)
     caption_k = k if caption_k is None else caption_k
@@ -138,10 +159,14 @@ def two_stage_similarity(
         images.global_embedding, captions.global_embedding, caption_k
     )  # (N, caption_k)
     img_candidates = shortlist(captions.global_embedding, images.global_embedding, k)  # (M, k)
-    rows = torch.arange(n)[:, None].expand_as(cap_candidates).reshape(-1)  # (N k,)
-    cols = cap_candidates.reshape(-1)
-    i2t[rows, cols] = rerank_pairs(model_cfg, images, captions, rows, cols, device, retrieval)
-    cols = torch.arange(m)[:, None].expand_as(img_candidates).reshape(-1)  # (M k,)
-    rows = img_candidates.reshape(-1)
-    t2i[rows, cols] = rerank_pairs(model_cfg, images, captions, rows, cols, device, retrieval)
+    i2t.scatter_(
+        1,
+        cap_candidates,
+        rerank(model_cfg, images, captions, cap_candidates, "image", device, retrieval),
+    )
+    t2i.T.scatter_(
+        1,
+        img_candidates,
+        rerank(model_cfg, images, captions, img_candidates, "caption", device, retrieval),
+    )
     return TwoStageScores(i2t, t2i, cap_candidates.numel() + img_candidates.numel())
