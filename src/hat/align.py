@@ -61,6 +61,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _word_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """``(..., L)`` True at a caption's words, False at its padding, from ``(...)`` lengths."""
+    return torch.arange(max_len, device=lengths.device) < lengths[..., None]
+
+
 def _padding_bias(word_mask: Tensor, dtype: torch.dtype) -> Tensor:
     """(M, L) additive softmax bias: 0 for words, -inf for padding."""
     return torch.where(word_mask, 0.0, float("-inf")).to(dtype)
@@ -165,8 +170,7 @@ def similarity(
     out = torch.empty(n, m, dtype=_compute_dtype(images.dtype), device=images.device)
     if n == 0 or m == 0:
         return out
-    positions = torch.arange(max_len, device=captions.device)
-    word_mask = positions[None, :] < lengths[:, None]  # (M, L)
+    word_mask = _word_mask(lengths, max_len)  # (M, L)
     captions = captions * word_mask[:, :, None].to(captions.dtype)  # (M, L, d) zero padding
     order = torch.argsort(lengths, descending=True)
     device_type = images.device.type
@@ -212,8 +216,7 @@ def grouped_similarity(
     products are one batched matrix multiplication and the query's own terms (norms,
     Gram matrix) are computed once per group, not once per pair.
     """
-    positions = torch.arange(captions.shape[2], device=captions.device)
-    word_mask = positions < caption_lengths.to(captions.device)[..., None]  # (Q, B, L)
+    word_mask = _word_mask(caption_lengths.to(captions.device), captions.shape[2])  # (Q, B, L)
     captions = captions * word_mask[..., None].to(captions.dtype)  # zero padding
     scores = torch.func.vmap(_block_scores, in_dims=(0, 0, 0, None, None))
     return scores(images, captions, word_mask, direction, lambda_softmax)  # (Q, A, B)
@@ -225,8 +228,7 @@ def pooled_embeddings(
     """l2-normalised mean tokens: images ``(N, R, d)`` -> ``(N, d)``; captions
     ``(M, L, d)`` -> ``(M, d)`` with padding (``>= caption_lengths``) left out."""
     cdtype = _compute_dtype(images.dtype)
-    positions = torch.arange(captions.shape[1], device=captions.device)
-    mask = (positions[None, :] < caption_lengths.to(captions.device)[:, None]).to(cdtype)  # (M, L)
+    mask = _word_mask(caption_lengths.to(captions.device), captions.shape[1]).to(cdtype)  # (M, L)
     image_mean = images.to(cdtype).mean(dim=1)  # (N, d)
     caption_mean = (captions.to(cdtype) * mask[:, :, None]).sum(dim=1) / mask.sum(
         dim=1, keepdim=True
