@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hat.align import grouped_similarity, similarity
+from hat.align import grouped_similarity, pooled_similarity, similarity
 
 LAMBDA = 9.0
 EPS = 1e-8
@@ -98,6 +98,30 @@ def test_padding_width_does_not_matter() -> None:
     torch.testing.assert_close(
         similarity(images, wider, lengths),
         similarity(images, captions, lengths),
+        atol=1e-12,
+        rtol=0,
+    )
+
+
+@pytest.mark.parametrize("garbage", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_non_finite_padding_is_ignored(direction: str, garbage: float) -> None:
+    """Padding values never take part, inf and NaN included, in every scoring path."""
+    images, captions, lengths = _inputs(seed=6)
+    dirty = captions.clone()
+    for j, length in enumerate(lengths):
+        dirty[j, length:] = garbage
+    assert not dirty.isfinite().all()
+    clean = similarity(images, captions, lengths, direction=direction)
+    got = similarity(images, dirty, lengths, direction=direction)
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, clean, atol=1e-12, rtol=0)
+    grouped = grouped_similarity(images[:, None], dirty[None].expand(3, -1, -1, -1),
+                                 lengths[None].expand(3, -1), direction, LAMBDA)  # fmt: skip
+    torch.testing.assert_close(grouped[:, 0], clean, atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        pooled_similarity(images, dirty, lengths),
+        pooled_similarity(images, captions, lengths),
         atol=1e-12,
         rtol=0,
     )

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import pickle
 import random
 from pathlib import Path
@@ -427,3 +428,59 @@ def test_siblings_swap_places_or_colours_and_every_caption_tells_them_apart() ->
             assert mine != moved_caption and mine != recoloured_caption
             words = set(mine.split())
             assert {base.objects[0].color, base.objects[1].color} <= words & colour_words
+
+
+@pytest.mark.parametrize("name", ["scenes", "textured", "free"])
+def test_every_scene_style_generates_a_dataset(tmp_path: Path, name: str) -> None:
+    from hat.data import SCENE_STYLES
+
+    style = SCENE_STYLES[name]
+    sizes = {"n_train": 6, "n_val": 3, "n_test": 3, "image_size": 64, "style": style}
+    a = generate_scenes(tmp_path / "a", **sizes, seed=4)
+    b = generate_scenes(tmp_path / "b", **sizes, seed=4)
+    assert _digest(a.parent) == _digest(b.parent)  # deterministic in every style
+    records = read_karpathy(a, a.parent)
+    assert len(records) == 12 and all(len(set(r.captions)) == 5 for r in records)
+    with Image.open(records[0].path) as image:
+        assert image.size == (64, 64)
+
+
+@pytest.mark.parametrize("kind", ["plain", "noise", "stripes", "checker"])
+def test_backgrounds_are_plain_or_textured(kind: str) -> None:
+    from hat.data.synth import _background
+
+    image = _background((128, 128, 128), kind, 64, random.Random(0))
+    shades = len(image.getcolors(maxcolors=1 << 16))
+    assert (shades == 1) if kind == "plain" else (shades >= 2)
+
+
+def test_free_layout_relations_follow_the_geometry() -> None:
+    from hat.data.synth import RELATION_GAP, SCENE_STYLES, SIZES
+
+    style = SCENE_STYLES["free"]
+    rng = random.Random(3)
+    for _ in range(100):
+        scene = random_scene(rng, style)
+        assert len(scene.objects) in style.object_counts
+        objects = scene.objects
+        for i, o in enumerate(objects):  # inside the image, no overlaps
+            r = SIZES[o.size]
+            assert o.cell is None and r <= o.center[0] <= 1 - r and r <= o.center[1] <= 1 - r
+            for p in objects[i + 1 :]:
+                assert math.dist(o.center, p.center) >= r + SIZES[p.size]
+        a, b = objects[:2]
+        for caption in scene_captions(scene, random.Random(rng.random()), style):
+            words = caption.split()
+            if "left" in words and words.index(a.color) < words.index(b.color):
+                assert a.center[0] < b.center[0] - RELATION_GAP, caption
+
+
+def test_bad_scene_styles_are_refused() -> None:
+    from hat.data import SceneStyle
+
+    with pytest.raises(ValueError, match="at most 9"):
+        SceneStyle(object_counts=(10,))
+    with pytest.raises(ValueError, match="2 or more"):
+        SceneStyle(object_counts=(1,))
+    with pytest.raises(ValueError, match="sizes"):
+        SceneStyle(sizes=("huge",))

@@ -10,7 +10,7 @@ from hat.metrics import fold_metrics, ranks_i2t, ranks_t2i, retrieval_metrics
 
 
 def loop_ranks(sims: np.ndarray, cpi: int) -> tuple[np.ndarray, np.ndarray]:
-    """i2t ``(N,)`` and t2i ``(M,)`` ranks, query by query (spec section 5; no ties expected)."""
+    """i2t ``(N,)`` and t2i ``(M,)`` ranks, query by query (spec section 5; no ties)."""
     i2t = []
     for i in range(sims.shape[0]):
         order = np.argsort(-sims[i], kind="stable")
@@ -54,23 +54,68 @@ def test_hand_computed_case() -> None:
     assert m["rsum"] == 50 + 100 + 100 + 50 + 100 + 100
     assert list(m) == [
         "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
-        "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr", "rsum",
+        "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr", "rsum", "i2t_tied", "t2i_tied",
     ]  # fmt: skip
 
 
-def test_ties_count_in_the_query_favour() -> None:
-    # Every score equal: nothing is strictly higher than a positive, so all ranks are 0.
+def test_ties_count_against_the_query() -> None:
+    # Every score equal: every other candidate ties with the positive, so each positive
+    # ranks last among them and recall is 0, not 100.
     sims = torch.ones(3, 6)
-    assert ranks_i2t(sims, 2).tolist() == [0, 0, 0]
-    assert ranks_t2i(sims, 2).tolist() == [0] * 6
-    # Ties with the positive are not counted, strictly higher scores are.
+    assert ranks_i2t(sims, 2).tolist() == [4, 4, 4]  # the 4 captions of other images
+    assert ranks_t2i(sims, 2).tolist() == [2] * 6  # the 2 other images
+    m = retrieval_metrics(sims, 2)
+    assert m["i2t_r1"] == m["t2i_r1"] == 0.0 and m["i2t_tied"] == 3 and m["t2i_tied"] == 6
+    # Ties with the positive count, as do strictly higher scores; the positive itself not.
     sims = torch.tensor([[0.5, 0.5, 0.9], [0.5, 0.6, 0.2], [0.0, 0.3, 0.3]])
-    assert ranks_i2t(sims, 1).tolist() == [1, 0, 0]
-    assert ranks_t2i(sims, 1).tolist() == [0, 0, 1]
+    assert ranks_i2t(sims, 1).tolist() == [2, 0, 1]
+    assert ranks_t2i(sims, 1).tolist() == [1, 0, 1]
     # i2t takes the best positive first: image 0's captions (cols 0, 1) score 0.2 and 0.7,
-    # the 0.7 ties with a negative -> 0; image 1's best (0.5) is beaten by 0.6 only -> 1.
+    # the 0.7 ties with a negative -> 1; image 1's best (0.5) is beaten by 0.6 only -> 1.
+    # Its other caption (0.4) is not counted against it: only other images' captions are.
     sims = torch.tensor([[0.2, 0.7, 0.7, 0.1], [0.6, 0.0, 0.5, 0.4]])
-    assert ranks_i2t(sims, 2).tolist() == [0, 1]
+    assert ranks_i2t(sims, 2).tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, float("nan")])
+@pytest.mark.parametrize("cpi", [1, 5])
+def test_constant_or_nan_scores_are_at_most_chance(value: float, cpi: int) -> None:
+    n = 20  # more candidates than R@10 looks at, so "last" is outside every recall
+    m = retrieval_metrics(torch.full((n, n * cpi), value), cpi)
+    assert m["rsum"] == 0.0  # at most chance (rSum ~ 100 here): every positive ranks last
+    assert m["i2t_medr"] == n * cpi - cpi + 1 and m["t2i_medr"] == n
+
+
+def test_nan_never_counts_as_a_win() -> None:
+    sims = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    assert ranks_t2i(sims, 1).tolist() == [0, 0]
+    sims[0, 0] = float("nan")  # a NaN positive ranks below every candidate
+    assert ranks_i2t(sims, 1).tolist() == [1, 0]
+    assert ranks_t2i(sims, 1).tolist() == [1, 0]
+    sims = torch.tensor([[0.9, float("nan")], [0.2, 0.8]])  # a NaN negative beats both
+    assert ranks_i2t(sims, 1).tolist() == [1, 0]
+    assert ranks_t2i(sims, 1).tolist() == [0, 1]
+    # i2t: one NaN positive among finite ones is skipped, not taken as the best.
+    sims = torch.tensor([[float("nan"), 0.5, 0.6, 0.1], [0.3, 0.2, 0.9, 0.8]])
+    assert ranks_i2t(sims, 2).tolist() == [1, 0]
+
+
+def test_continuous_scores_are_unchanged_by_the_tie_rule() -> None:
+    # Without ties, "at least as high" and "strictly higher" agree: the loop reference
+    # (argsort position) gives the same ranks, and no query is reported as tied.
+    rng = np.random.default_rng(7)
+    sims = rng.standard_normal((13, 65))
+    i2t, t2i = loop_ranks(sims, 5)
+    assert ranks_i2t(sims, 5).tolist() == i2t.tolist()
+    assert ranks_t2i(sims, 5).tolist() == t2i.tolist()
+    m = retrieval_metrics(sims, 5)
+    assert m["i2t_tied"] == 0 and m["t2i_tied"] == 0
+
+
+def test_tie_counts_are_summed_over_folds() -> None:
+    sims = torch.ones(4, 4)
+    m = fold_metrics(sims, captions_per_image=1, folds=2)
+    assert m["i2t_tied"] == 4 and m["t2i_tied"] == 4 and m["i2t_r1"] == 0.0
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 64])
@@ -89,8 +134,8 @@ def test_random_matrices_match_the_per_query_definition(cpi: int) -> None:
         sims[:, :: cpi + 1] += 1.0  # make some queries succeed
         got = retrieval_metrics(torch.from_numpy(sims), cpi)
         want = per_query(sims, cpi)
-        assert got == pytest.approx(want)
-        assert retrieval_metrics(sims, cpi) == pytest.approx(want)  # numpy input too
+        assert got == pytest.approx({**want, "i2t_tied": 0.0, "t2i_tied": 0.0})
+        assert retrieval_metrics(sims, cpi) == pytest.approx(got)  # numpy input too
 
 
 def test_fold_averaging() -> None:
@@ -98,7 +143,8 @@ def test_fold_averaging() -> None:
     sims = rng.standard_normal((10, 50))
     got = fold_metrics(sims, captions_per_image=5, folds=2)
     blocks = [per_query(sims[:5, :25], 5), per_query(sims[5:, 25:], 5)]
-    assert got == pytest.approx({k: (blocks[0][k] + blocks[1][k]) / 2 for k in blocks[0]})
+    want = {k: (blocks[0][k] + blocks[1][k]) / 2 for k in blocks[0]}
+    assert got == pytest.approx({**want, "i2t_tied": 0.0, "t2i_tied": 0.0})
     assert fold_metrics(sims, 5, folds=1) == pytest.approx(retrieval_metrics(sims, 5))
     with pytest.raises(ValueError, match="3 equal folds"):
         fold_metrics(sims, 5, folds=3)

@@ -98,3 +98,37 @@ def test_unreadable_training_images_stop_or_are_skipped(tmp_path: Path, scenes: 
     logged = (tmp_path / "lenient" / "metrics.jsonl").read_text().splitlines()
     skipped = sum(json.loads(r).get("skipped_pairs", 0) for r in logged)
     assert skipped == 3 * len(train[0].captions)  # every caption of the 3 images
+
+
+def test_evaluate_an_ensemble_of_two_directions(tmp_path: Path, scenes: Path, capsys) -> None:
+    """`hat evaluate A B`: each model in its own direction, then the sum of their scores."""
+    import dataclasses
+
+    from hat.checkpoint import save_model
+    from hat.metrics import retrieval_metrics
+
+    cfg = apply_overrides(get_preset("tiny"), data_args(scenes))
+    test = select_split(load_records(cfg.data), "test")
+    tokenizer = CaptionTokenizer.from_config(cfg.model.text)
+    float32 = apply_overrides(cfg.retrieval, ["storage_dtype=float32"])
+    reports, paths = [], []
+    for seed, direction in ((1, "i2t"), (2, "t2i")):
+        torch.manual_seed(seed)
+        model = HAT(dataclasses.replace(cfg.model, direction=direction)).eval()
+        paths.append(tmp_path / direction)
+        save_model(model, paths[-1], tokenizer=tokenizer.tokenizer)
+        reports.append(evaluate(model, test, tokenizer, torch.device("cpu"), retrieval=float32))
+    out_json = tmp_path / "ensemble.json"
+    status = main(
+        ["evaluate", *map(str, paths), "captions_per_image=5", "--annotations", str(scenes),
+         "--image-root", str(scenes.parent), "--split", "test", "--num-workers", "0",
+         "--device", "cpu", "--storage-dtype", "float32", "--json", str(out_json)]
+    )  # fmt: skip
+    assert status == 0
+    body = json.loads(out_json.read_text())
+    assert [m["direction"] for m in body["models"]] == ["i2t", "t2i"]
+    for got, want in zip(body["models"], reports):
+        assert got["all"]["hat"] == pytest.approx(want.metrics["hat"])
+    summed = reports[0].scores + reports[1].scores  # (N, M)
+    assert body["ensemble"]["all"]["ensemble"] == pytest.approx(retrieval_metrics(summed, 5))
+    assert "ensemble: the sum of the 2 models' HAT scores" in capsys.readouterr().out

@@ -66,6 +66,12 @@ def _word_mask(lengths: Tensor, max_len: int) -> Tensor:
     return torch.arange(max_len, device=lengths.device) < lengths[..., None]
 
 
+def _zero_padding(captions: Tensor, word_mask: Tensor) -> Tensor:
+    """``(..., L, d)`` caption tokens with every padding position set to 0, whatever it
+    held (inf and NaN included: a product with the mask would turn them into NaN)."""
+    return torch.where(word_mask[..., None], captions, captions.new_zeros(()))
+
+
 def _padding_bias(word_mask: Tensor, dtype: torch.dtype) -> Tensor:
     """(M, L) additive softmax bias: 0 for words, -inf for padding."""
     return torch.where(word_mask, 0.0, float("-inf")).to(dtype)
@@ -171,7 +177,7 @@ def similarity(
     if n == 0 or m == 0:
         return out
     word_mask = _word_mask(lengths, max_len)  # (M, L)
-    captions = captions * word_mask[:, :, None].to(captions.dtype)  # (M, L, d) zero padding
+    captions = _zero_padding(captions, word_mask)  # (M, L, d)
     order = torch.argsort(lengths, descending=True)
     device_type = images.device.type
     if torch.is_autocast_enabled(device_type):
@@ -217,7 +223,7 @@ def grouped_similarity(
     Gram matrix) are computed once per group, not once per pair.
     """
     word_mask = _word_mask(caption_lengths.to(captions.device), captions.shape[2])  # (Q, B, L)
-    captions = captions * word_mask[..., None].to(captions.dtype)  # zero padding
+    captions = _zero_padding(captions, word_mask)  # (Q, B, L, d)
     scores = torch.func.vmap(_block_scores, in_dims=(0, 0, 0, None, None))
     return scores(images, captions, word_mask, direction, lambda_softmax)  # (Q, A, B)
 
@@ -228,11 +234,10 @@ def pooled_embeddings(
     """l2-normalised mean tokens: images ``(N, R, d)`` -> ``(N, d)``; captions
     ``(M, L, d)`` -> ``(M, d)`` with padding (``>= caption_lengths``) left out."""
     cdtype = _compute_dtype(images.dtype)
-    mask = _word_mask(caption_lengths.to(captions.device), captions.shape[1]).to(cdtype)  # (M, L)
+    word_mask = _word_mask(caption_lengths.to(captions.device), captions.shape[1])  # (M, L)
     image_mean = images.to(cdtype).mean(dim=1)  # (N, d)
-    caption_mean = (captions.to(cdtype) * mask[:, :, None]).sum(dim=1) / mask.sum(
-        dim=1, keepdim=True
-    )  # (M, d)
+    words = _zero_padding(captions, word_mask).to(cdtype)  # (M, L, d)
+    caption_mean = words.sum(dim=1) / word_mask.sum(dim=1, keepdim=True).to(cdtype)  # (M, d)
     return F.normalize(image_mean, dim=-1), F.normalize(caption_mean, dim=-1)
 
 

@@ -41,11 +41,11 @@ def _experiment_config(args: argparse.Namespace):
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
-    from hat.data import generate_scenes
+    from hat.data import SCENE_STYLES, generate_scenes
 
     path = generate_scenes(
         args.out, n_train=args.train, n_val=args.val, n_test=args.test,
-        image_size=args.image_size, seed=args.seed,
+        image_size=args.image_size, seed=args.seed, style=SCENE_STYLES[args.style],
     )  # fmt: skip
     print(f"wrote {path}")
     return 0
@@ -82,30 +82,56 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from hat.checkpoint import resolve_model
     from hat.config import DataConfig, RetrievalConfig, apply_overrides
     from hat.data import CaptionTokenizer, load_records, select_split
-    from hat.evaluate import evaluate, format_report
+    from hat.evaluate import ensemble_report, evaluate, format_report
     from hat.train import pick_device
 
+    models = [m for m in args.model if "=" not in m or Path(m).exists()]
+    overrides = [m for m in args.model if m not in models]
     data = DataConfig(
         format=args.format, annotations=args.annotations, image_root=args.image_root,
         use_restval=not args.no_restval, num_workers=args.num_workers,
     )  # fmt: skip
-    data = apply_overrides(data, args.overrides)
+    data = apply_overrides(data, overrides)
     # Under torchrun every process shares the work and gets the report; rank 0 writes it.
     device = distributed.init_from_env(pick_device(args.device))
     try:
-        model = resolve_model(args.model, args.which).to(device)
         records = select_split(load_records(data), args.split)
-        tokenizer = CaptionTokenizer.from_config(model.config.text)
         retrieval = RetrievalConfig(shortlist_k=args.shortlist_k, storage_dtype=args.storage_dtype)
-        report = evaluate(
-            model, records, tokenizer, device, captions_per_image=data.captions_per_image,
-            batch_size=args.batch_size, num_workers=data.num_workers, folds=args.folds,
-            retrieval=retrieval,
-        )  # fmt: skip
+        reports = []
+        for path in models:
+            # Each model scores in the direction it was trained with (its config).
+            model = resolve_model(path, args.which).to(device)
+            tokenizer = CaptionTokenizer.from_config(model.config.text)
+            report = evaluate(
+                model, records, tokenizer, device, captions_per_image=data.captions_per_image,
+                batch_size=args.batch_size, num_workers=data.num_workers, folds=args.folds,
+                retrieval=retrieval,
+            )  # fmt: skip
+            reports.append((path, model.config.direction, report))
+            del model
+        ensemble = (
+            ensemble_report([r for _, _, r in reports], data.captions_per_image)
+            if len(reports) > 1
+            else None
+        )
         if distributed.is_main_process():
-            print(format_report(report))
+            for path, direction, report in reports:
+                if ensemble is not None:
+                    print(f"\n== {path} (direction {direction})")
+                print(format_report(report))
+            if ensemble is not None:
+                print(f"\n== ensemble: the sum of the {len(reports)} models' HAT scores")
+                print(format_report(ensemble))
             if args.json:
-                Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+                body = reports[0][2].to_dict()
+                if ensemble is not None:
+                    body = {
+                        "models": [
+                            {"model": p, "direction": d, **r.to_dict()} for p, d, r in reports
+                        ],
+                        "ensemble": ensemble.to_dict(),
+                    }
+                Path(args.json).write_text(json.dumps(body, indent=2) + "\n")
                 print(f"wrote {args.json}")
     finally:
         distributed.teardown()
@@ -326,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--test", type=int, default=100, help="test images")
     synth.add_argument("--image-size", type=int, default=128)
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument(
+        "--style", default="scenes", choices=["scenes", "textured", "free"],
+        help="kind of scenes: the built-in ones (grid, sibling groups, rich captions), "
+        "textured backgrounds with relation captions, or free placement of 3-4 objects",
+    )  # fmt: skip
     synth.set_defaults(func=_cmd_data_synth)
 
     def add_config(p: argparse.ArgumentParser) -> None:
@@ -340,8 +371,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --run")
     train.set_defaults(func=_cmd_train)
 
-    ev = sub.add_parser("evaluate", help="retrieval metrics of a model on a split")
-    ev.add_argument("model", help="model directory, run folder or training checkpoint")
+    ev = sub.add_parser(
+        "evaluate",
+        help="retrieval metrics of a model (or of an ensemble of models) on a split",
+        description="Recall per level and for HAT's sum. Several models: each is reported "
+        "in its own direction, then their ensemble (the sum of their score matrices).",
+    )
+    ev.add_argument(
+        "model", nargs="+", metavar="MODEL",
+        help="model directories, run folders or training checkpoints (several: an "
+        "ensemble), then any KEY=VALUE DataConfig overrides",
+    )  # fmt: skip
     ev.add_argument("--which", default="best", choices=["best", "latest"])
     ev.add_argument("--format", default="karpathy", choices=["karpathy", "jsonl", "csv"])
     ev.add_argument("--annotations", required=True, help="Karpathy JSON / JSONL / CSV file")
@@ -363,7 +403,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-workers", type=int, default=2)
     ev.add_argument("--json", help="also write the report as JSON here")
     ev.add_argument("--device")
-    ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="DataConfig overrides")
     ev.set_defaults(func=_cmd_evaluate)
 
     fit = sub.add_parser(

@@ -156,7 +156,11 @@ class DataConfig:
     ``format``: ``karpathy`` (Flickr30K / MSCOCO / Flickr8K split JSON), ``jsonl``
     or ``csv`` (custom folder + captions file). For custom data without a
     ``split`` field, images are split by ``split_ratios`` (train, val, test) with
-    ``split_seed``. With ``skip_bad``, a malformed entry (a record, line or row, bytes
+    ``split_seed``. ``use_restval`` (MSCOCO): the Karpathy ``restval`` images join
+    ``train`` (113,287 training images, the protocol of the published MSCOCO tables,
+    SCAN lineage); ``false`` keeps them out (82,783), which is what the authors' HAT
+    code does (its MSCOCO loader calls ``get_paths`` without ``use_restval``, default
+    False). With ``skip_bad``, a malformed entry (a record, line or row, bytes
     that are not UTF-8 included, or a training image that cannot be read) is logged as
     a warning and left out instead of stopping the run; errors about a whole file
     (missing, UTF-16, not JSON, bad header) are always raised.
@@ -181,6 +185,34 @@ class TrainConfig:
     before switching to the hardest negative (VSE++ notes that hardest negatives
     alone can fail to start learning from scratch; 0 in ``paper``).
 
+    ``freeze_image_epochs`` / ``freeze_text_epochs``: the backbone of that tower is
+    frozen during the first N epochs (0-based epochs ``0 .. N-1``) and trains from
+    epoch N on (-1: frozen for good); the projections always train. The authors' code
+    unfreezes both in ``validation_epoch_end`` when ``current_epoch == 10``, i.e. after
+    0-based epoch 10: 11 frozen epochs, training from epoch 11, when StepLR
+    (``lr_step_epochs`` 10) has already cut the learning rate to ``lr * lr_gamma``; the
+    defaults (``paper``) match.
+    ``val_max_images``: validate on the first N images of ``val_split`` only (0: all);
+    the authors' MSCOCO path validates on the first 1,000 validation images.
+
+    ``loss``: what trains HAT's summed batch scores. ``triplet`` is the VSE++ hinge of
+    the reference (``margin``, ``max_violation``, ``max_violation_warmup_epochs``);
+    ``infonce`` is the symmetric InfoNCE (cross-entropy over the batch, every negative
+    weighted by its softmax share) at a temperature that starts at ``temperature`` and
+    is learnt (clamped to ``min_temperature`` or more) when ``learn_temperature``.
+    ``level_loss_weight`` adds the same loss on each level's own scores, times that
+    weight (0: the sum alone, as the reference).
+    ``cache_text``: a text backbone that stays frozen for the whole run computes each
+    training caption's hidden states once, in eval mode (no dropout), and every step
+    reuses them; the projections still train. Refused when the text tower unfreezes.
+    ``num_threads``: CPU threads of torch's kernels; 0 picks them (:func:`hat.train.
+    pick_threads`): the cores this process may use less those other processes keep
+    busy, since torch's OpenMP threads wait for each other and a 2-thread step slows
+    20-48x when another process holds one of 2 cores. ``OMP_NUM_THREADS``, when set
+    (torchrun sets 1), is left alone.
+    ``collapse_ratio``: after the first epoch past the warm-ups, a validation rSum
+    below ``collapse_ratio`` times chance logs a warning with the diagnostics.
+
     Under ``torchrun`` (see ``docs/distributed.md``) ``batch_size`` is per process.
     ``global_batch_loss``: compute the triplet and InfoNCE losses over the GLOBAL batch
     (every process's pairs), so that hardest negatives come from all of them and the
@@ -201,19 +233,28 @@ class TrainConfig:
     margin: float = 0.2
     max_violation: bool = True
     max_violation_warmup_epochs: int = 0
+    loss: Literal["triplet", "infonce"] = "triplet"
+    temperature: float = 0.05
+    learn_temperature: bool = True
+    min_temperature: float = 0.01
+    level_loss_weight: float = 0.0
     global_loss_weight: float = 0.0
     global_temperature: float = 0.05
-    freeze_image_epochs: int = 10
-    freeze_text_epochs: int = 10
+    freeze_image_epochs: int = 11
+    freeze_text_epochs: int = 11
     amp: bool = True
     amp_dtype: Literal["float16", "bfloat16"] = "float16"
     grad_clip: float = 0.0
     seed: int = 0
     val_split: str = "val"
+    val_max_images: int = 0
     select_metric: tuple[str, ...] = ("i2t_r1", "t2i_r1")
     log_every: int = 10
     max_steps_per_epoch: int = 0
     global_batch_loss: bool = False
+    cache_text: bool = False
+    num_threads: int = 0
+    collapse_ratio: float = 1.5
 
 
 @dataclass(frozen=True)
@@ -381,6 +422,9 @@ def _presets() -> dict[str, ExperimentConfig]:
             embed_dim=128,
             global_dim=64,
             global_level=0,  # the 8x8-region level carries most of these scenes' signal
+            # Words attend to regions: an image that is mostly background is scored by
+            # the regions its caption's words find, not by the mean over every region.
+            direction="t2i",
         ),
         data=DataConfig(num_workers=0),  # on 2 cores, loader workers only compete
         train=TrainConfig(
@@ -390,8 +434,11 @@ def _presets() -> dict[str, ExperimentConfig]:
             lr=5e-4,
             lr_step_epochs=3,
             freeze_image_epochs=0,
-            freeze_text_epochs=4,
-            max_violation_warmup_epochs=1,
+            freeze_text_epochs=-1,  # MiniLM is pretrained; only its projections learn
+            # From scratch every negative must teach: the hardest-negative hinge learnt or
+            # collapsed by chance (README, "Training from scratch").
+            loss="infonce",
+            cache_text=True,  # MiniLM stays frozen: encode each caption once
             amp=False,
             log_every=5,
             global_loss_weight=1.0,

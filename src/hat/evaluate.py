@@ -37,6 +37,7 @@ __all__ = [
     "image_batches",
     "EvalReport",
     "encode_and_score",
+    "ensemble_report",
     "encode_captions",
     "encode_images",
     "evaluate",
@@ -62,6 +63,9 @@ class EvalReport:
         fold_metrics: the same, averaged over ``folds`` blocks of images (MSCOCO 1K),
             empty when no folds were asked for.
         num_images, num_captions: sizes of the evaluated split.
+        folds: number of folds of ``fold_metrics`` (0: none).
+        scores: ``(N, M)`` HAT's summed scores on the CPU (what ensembles add up); not
+            written by :meth:`to_dict`.
     """
 
     metrics: dict[str, dict[str, float]]
@@ -69,6 +73,7 @@ class EvalReport:
     num_images: int = 0
     num_captions: int = 0
     folds: int = 0
+    scores: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         return {
@@ -318,7 +323,25 @@ def evaluate(
         if folds > 1
         else {}
     )
-    return EvalReport(metrics, folded, len(records), len(captions), folds)
+    return EvalReport(metrics, folded, len(records), len(captions), folds, scores.total)
+
+
+def ensemble_report(reports: Sequence[EvalReport], captions_per_image: int = 5) -> EvalReport:
+    """The ensemble of several models evaluated on the same split: metrics of the SUM of
+    their summed score matrices (SCAN-lineage papers sum an i2t-trained and a t2i-trained
+    model), under the name ``ensemble``, with the same folds as the reports."""
+    if len(reports) < 2:
+        raise ValueError(f"an ensemble needs at least 2 models, got {len(reports)}")
+    shapes = {tuple(r.scores.shape) for r in reports if r.scores is not None}
+    if len(shapes) != 1 or any(r.scores is None for r in reports):
+        raise ValueError(f"the reports must hold score matrices of one shape, got {shapes}")
+    total = torch.stack([r.scores.double() for r in reports]).sum(dim=0)  # (N, M)
+    first = reports[0]
+    folded = {}
+    if first.folds > 1:
+        folded = {"ensemble": fold_metrics(total, captions_per_image, first.folds)}
+    metrics = {"ensemble": retrieval_metrics(total, captions_per_image)}
+    return EvalReport(metrics, folded, first.num_images, first.num_captions, first.folds, total)
 
 
 def _outside_shortlist_last(sims: torch.Tensor, captions_per_image: int) -> torch.Tensor:
@@ -342,7 +365,9 @@ def two_stage_metrics(two: TwoStageScores, captions_per_image: int) -> dict[str,
 
 
 def format_report(report: EvalReport) -> str:
-    """A plain-text table: one row per level and for HAT's sum, one column per metric."""
+    """A plain-text table: one row per level and for HAT's sum, one column per metric,
+    then the number of queries whose positive tied with a candidate where there are any
+    (ties count against the query, :mod:`hat.metrics`)."""
     header = f"{'':10s}" + "".join(f"{m:>10s}" for m in METRIC_ORDER)
     lines = []
     sections = [("all images", report.metrics)]
@@ -353,4 +378,11 @@ def format_report(report: EvalReport) -> str:
         lines.append(header)
         for name, values in table.items():
             lines.append(f"{name:10s}" + "".join(f"{values[m]:10.2f}" for m in METRIC_ORDER))
+        tied = [
+            f"{name} {values['i2t_tied']:.0f} i2t / {values['t2i_tied']:.0f} t2i"
+            for name, values in table.items()
+            if values.get("i2t_tied") or values.get("t2i_tied")
+        ]
+        if tied:
+            lines.append("queries whose positive tied (counted against them): " + ", ".join(tied))
     return "\n".join(lines)

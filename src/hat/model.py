@@ -161,7 +161,15 @@ class HAT(nn.Module):
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
         """token ids and mask ``(M, L)`` -> per-level ``(M, L, d)`` tokens, lengths and the
         ``(M, g)`` global embedding."""
-        levels = self.text_tower(input_ids, attention_mask)
+        return self.encode_text_hidden(
+            self.text_tower.layer_tokens(input_ids, attention_mask), attention_mask
+        )
+
+    def encode_text_hidden(self, hidden: list[Tensor], attention_mask: Tensor) -> TextFeatures:
+        """The text backbone's ``(M, L, H)`` hidden states of each level's layer (what
+        ``text_tower.layer_tokens`` gives, or a cache of it) and the ``(M, L)`` mask ->
+        the features :meth:`encode_text` returns."""
+        levels = self.text_tower.project(hidden)
         pooled = self.pool_text(levels, attention_mask)
         return TextFeatures(levels, attention_mask.sum(dim=1), self.text_global_embedding(pooled))
 

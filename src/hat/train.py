@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import signal
 import threading
@@ -58,15 +59,21 @@ from hat.data import (
 )
 from hat.evaluate import EvalReport, evaluate
 from hat.losses import global_batch_scores, info_nce_loss, triplet_loss
-from hat.model import HAT
+from hat.metrics import chance_metrics
+from hat.model import HAT, TextFeatures
 
 __all__ = [
     "EpochOrder",
+    "backbones_trainable",
+    "build_optimizer",
     "Trainer",
     "TrainingDiverged",
     "TrainingInterrupted",
+    "TextCache",
     "TrainingObjective",
+    "batch_diagnostics",
     "pick_device",
+    "pick_threads",
     "seed_everything",
 ]
 
@@ -102,6 +109,52 @@ def pick_device(name: str | None = None) -> torch.device:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _busy_cores(samples: int = 10, interval_s: float = 0.01) -> int:
+    """Runnable threads of OTHER processes right now: the median over a few samples of
+    the kernel's runnable count (``/proc/loadavg``) less this thread; 0 where unknown.
+    The load average itself lags by a minute and would count our own last run."""
+    counts = []
+    for _ in range(samples):
+        try:
+            running = Path("/proc/loadavg").read_text().split()[3].split("/")[0]
+        except (OSError, IndexError):
+            return 0
+        counts.append(max(int(running) - 1, 0))
+        time.sleep(interval_s)
+    return int(np.median(counts))
+
+
+def pick_threads(requested: int = 0) -> int:
+    """Threads for torch's CPU kernels: ``requested`` when > 0; else the cores this
+    process may run on (``os.sched_getaffinity``) less the ones other processes keep
+    busy now, at least 1."""
+    if requested > 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) - _busy_cores())
+
+
+def backbones_trainable(cfg: TrainConfig, epoch: int) -> dict[str, bool]:
+    """Whether each tower's backbone trains in 0-based ``epoch`` (the projections always
+    do): frozen for the first ``freeze_*_epochs`` epochs, for good when that is -1."""
+
+    def trains(frozen_epochs: int) -> bool:
+        return frozen_epochs >= 0 and epoch >= frozen_epochs
+
+    return {"image": trains(cfg.freeze_image_epochs), "text": trains(cfg.freeze_text_epochs)}
+
+
+def build_optimizer(
+    params: list[nn.Parameter], cfg: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Adam (no weight decay in ``paper``) and the per-epoch StepLR of the recipe."""
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(
+        optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma
+    )
+    return optimizer, scheduler
 
 
 def seed_everything(seed: int) -> None:
@@ -182,42 +235,145 @@ class TrainState:
     world_size: int = 1
 
 
+class TextCache:
+    """Hidden states of a FROZEN text backbone, computed once per distinct caption.
+
+    ``train.cache_text``: the backbone runs once over every training caption in eval
+    mode (no dropout) and keeps, per level, each caption's ``(L_c, H)`` hidden states
+    packed one after another in float32; :meth:`lookup` gives a batch's states padded
+    as the tokenizer padded the batch. The projections on top still train, so
+    :meth:`HAT.encode_text_hidden` of a lookup equals :meth:`HAT.encode_text` of an
+    eval-mode backbone, to float rounding (padding positions differ, and never count).
+    """
+
+    def __init__(
+        self,
+        model: HAT,
+        captions: list[str],
+        tokenizer: CaptionTokenizer,
+        device: torch.device,
+        batch_size: int,
+    ) -> None:
+        distinct = sorted(set(captions))
+        encoder = model.text_tower.encoder
+        was_training = encoder.training
+        encoder.eval()
+        self._rows: dict[tuple[int, ...], int] = {}
+        parts: list[list[Tensor]] = [[] for _ in model.config.levels]
+        offset = 0
+        with torch.no_grad():
+            for start in range(0, len(distinct), batch_size):
+                tokens = tokenizer(distinct[start : start + batch_size])
+                ids, mask = tokens["input_ids"], tokens["attention_mask"]  # (B, L)
+                hidden = model.text_tower.layer_tokens(ids.to(device), mask.to(device))
+                lengths = mask.sum(dim=1).tolist()
+                for row, length in enumerate(lengths):
+                    self._rows[tuple(ids[row, :length].tolist())] = offset
+                    offset += length
+                    for k, h in enumerate(hidden):  # (B, L, H)
+                        parts[k].append(h[row, :length].float().cpu())
+        encoder.train(was_training)
+        width = parts[0][0].shape[1]
+        zero = torch.zeros(1, width)  # the row that padding positions read
+        self.levels = [torch.cat([*p, zero]) for p in parts]  # (T + 1, H) each
+        self.pad_row = offset
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.levels)
+
+    def lookup(self, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
+        """``(B, L)`` token ids and mask of training captions -> one ``(B, L, H)``
+        hidden-state tensor per level on the cache's device."""
+        lengths = attention_mask.sum(dim=1).tolist()
+        try:
+            starts = [self._rows[tuple(ids[:n].tolist())] for ids, n in zip(input_ids, lengths)]
+        except KeyError as err:
+            raise KeyError("a caption outside the text cache (train.cache_text)") from err
+        positions = torch.arange(input_ids.shape[1])  # (L,)
+        index = torch.tensor(starts)[:, None] + positions[None, :]  # (B, L)
+        index = torch.where(attention_mask.cpu().bool(), index, self.pad_row)  # (B, L)
+        return [level[index].to(self.device) for level in self.levels]
+
+
 class TrainingObjective(nn.Module):
     """The training loss of one batch as ONE forward pass: the unit that
     ``DistributedDataParallel`` wraps, so that it synchronises the gradients of
     everything the loss uses.
 
     ``forward(images, input_ids, attention_mask, hardest)`` returns
-    ``(objective, loss)``: the tensor to back-propagate and the loss value to report.
-    They are the same number except with ``cfg.global_batch_loss`` in a process
-    group of ``W`` processes, where the objective is ``W * loss``: each process then
-    back-propagates the global batch's loss into its own features only, and DDP's
-    average of the ``W`` gradients is the whole global batch's gradient
+    ``(objective, loss, level_scores)``: the tensor to back-propagate, the loss value to
+    report, and the detached ``(K, B, B)`` per-level batch scores for diagnostics
+    (``(1, WB, WB)`` summed scores with the global-batch loss). The first two are the
+    same number except with ``cfg.global_batch_loss`` in a process group of ``W``
+    processes, where the objective is ``W * loss``: each process then back-propagates
+    the global batch's loss into its own features only, and DDP's average of the ``W``
+    gradients is the whole global batch's gradient
     (:func:`hat.losses.global_batch_scores`).
+
+    ``log_temperature`` is the learnt temperature of ``cfg.loss == "infonce"`` (a
+    parameter of the objective, saved in training checkpoints, not in the model).
     """
 
     def __init__(
-        self, model: HAT, cfg: TrainConfig, device_type: str, amp: bool, amp_dtype: torch.dtype
+        self,
+        model: HAT,
+        cfg: TrainConfig,
+        device_type: str,
+        amp: bool,
+        amp_dtype: torch.dtype,
+        text_cache: TextCache | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
         self.device_type, self.amp, self.amp_dtype = device_type, amp, amp_dtype
+        self.text_cache = text_cache
+        learnt = cfg.loss == "infonce" and cfg.learn_temperature
+        self.log_temperature = nn.Parameter(
+            torch.tensor(math.log(cfg.temperature)), requires_grad=learnt
+        )
+
+    @property
+    def temperature(self) -> Tensor:
+        """The InfoNCE temperature, at least ``cfg.min_temperature``."""
+        return self.log_temperature.exp().clamp_min(self.cfg.min_temperature)
+
+    def score_loss(self, scores: Tensor, hardest: bool) -> Tensor:
+        """The configured loss of one ``(B, B)`` batch score matrix (positives on the
+        diagonal): the hinge of ``cfg.margin`` or InfoNCE at the current temperature."""
+        if self.cfg.loss == "infonce":
+            return info_nce_loss(scores.float() / self.temperature)
+        return triplet_loss(scores.float(), margin=self.cfg.margin, max_violation=hardest)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
+        if self.text_cache is None:
+            return self.model.encode_text(input_ids, attention_mask)
+        hidden = self.text_cache.lookup(input_ids, attention_mask)  # (B, L, H) per level
+        return self.model.encode_text_hidden(hidden, attention_mask)
 
     def forward(
         self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, hardest: bool
-    ) -> tuple[Tensor, Tensor]:
-        """images ``(B, 3, H, W)``, token ids and mask ``(B, L)`` -> ``(objective, loss)``."""
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """images ``(B, 3, H, W)``, token ids and mask ``(B, L)`` ->
+        ``(objective, loss, level_scores)``."""
         t = self.cfg
         spread = t.global_batch_loss and distributed.is_distributed()
         with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp):
             img = self.model.encode_image(images)
-            txt = self.model.encode_text(input_ids, attention_mask)
+            txt = self.encode_text(input_ids, attention_mask)
             if spread:
                 scores, logits = global_batch_scores(img, txt, self.model.config)  # (WB, WB)
+                levels = scores[None]  # (1, WB, WB)
             else:
-                scores, logits = self.model.similarity(img, txt).total, None  # (B, B)
-        loss = triplet_loss(scores.float(), margin=t.margin, max_violation=hardest)
+                both = self.model.similarity(img, txt)
+                scores, levels, logits = both.total, both.levels, None  # (B, B), (K, B, B)
+        loss = self.score_loss(scores, hardest)
+        if t.level_loss_weight > 0 and not spread:
+            loss = loss + t.level_loss_weight * sum(self.score_loss(s, hardest) for s in levels)
         if t.global_loss_weight > 0:
             if logits is None:
                 logits = self.model.global_similarity(img, txt)  # (B, B)
@@ -225,7 +381,42 @@ class TrainingObjective(nn.Module):
                 logits.float() / t.global_temperature
             )
         scale = distributed.world_size() if spread else 1
-        return loss * scale, loss.detach()
+        return loss * scale, loss.detach(), levels.detach()
+
+
+def batch_diagnostics(level_scores: Tensor, margin: float) -> dict[str, float]:
+    """How far a batch's scores separate positives from negatives, per level and summed.
+
+    ``level_scores``: ``(K, B, B)`` scores, positives on the diagonal. For each level
+    ``levelk`` and for their sum ``hat``: ``_pos`` the mean positive score, ``_hardneg``
+    the mean over all ``2B`` queries (image rows and caption columns) of the hardest
+    negative, ``_gap`` their difference, ``_active`` the share of negative pairs whose
+    hinge ``margin + s_neg - s_pos`` is still positive. A level whose gap stays at 0
+    with every score alike is dead; a collapse shows as the ``hat`` gap near 0.
+    """
+    k, b, _ = level_scores.shape
+    named = {f"level{i + 1}": level_scores[i] for i in range(k)} if k > 1 else {}
+    named["hat"] = level_scores.sum(dim=0)
+    eye = torch.eye(b, dtype=torch.bool, device=level_scores.device)  # (B, B)
+    out = {}
+    for name, s in named.items():
+        s = s.float()
+        pos = s.diagonal()  # (B,)
+        negatives = s.masked_fill(eye, -torch.inf)  # (B, B)
+        hardest = torch.cat([negatives.max(dim=1).values, negatives.max(dim=0).values])  # (2B,)
+        hinge_rows = (margin + s - pos[:, None] > 0) & ~eye  # (B, B) image queries
+        hinge_cols = (margin + s - pos[None, :] > 0) & ~eye  # (B, B) caption queries
+        active = (hinge_rows.sum() + hinge_cols.sum()) / max(2 * b * (b - 1), 1)
+        out[f"{name}_pos"] = float(pos.mean())
+        out[f"{name}_hardneg"] = float(hardest.mean())
+        out[f"{name}_gap"] = float(pos.mean() - hardest.mean())
+        out[f"{name}_active"] = float(active)
+    return out
+
+
+def _grad_norm(params: list[nn.Parameter]) -> float:
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
 
 
 class Trainer:
@@ -269,6 +460,10 @@ class Trainer:
             # x86 CPUs and made long CPU runs crawl; flushing them to zero changes nothing
             # measurable in the scores.
             torch.set_flush_denormal(True)
+            if "OMP_NUM_THREADS" not in os.environ:
+                threads = pick_threads(cfg.train.num_threads)
+                torch.set_num_threads(threads)
+                log.info("training on %d CPU thread(s)", threads)
         seed_everything(cfg.train.seed)
         self.state = TrainState(world_size=distributed.world_size())
         self._setup()
@@ -287,6 +482,8 @@ class Trainer:
         records = load_records(cfg.data)
         self.train_records = select_split(records, "train")
         self.val_records = select_split(records, cfg.train.val_split)
+        if cfg.train.val_max_images:
+            self.val_records = self.val_records[: cfg.train.val_max_images]
         self.model = HAT(cfg.model, pretrained=True).to(self.device)
         self.model.global_trained.fill_(cfg.train.global_loss_weight > 0)
         self.tokenizer = CaptionTokenizer.from_config(cfg.model.text)
@@ -303,23 +500,43 @@ class Trainer:
         )
         self.pairs = SeededPairs(pairs, cfg.train.seed)
         self.collate = PairCollator(self.tokenizer)
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-        )
-        self.scheduler = torch.optim.lr_scheduler.StepLR(
-            self.optimizer, step_size=cfg.train.lr_step_epochs, gamma=cfg.train.lr_gamma
-        )
         self.amp = cfg.train.amp and self.device.type == "cuda"
         self.amp_dtype = getattr(torch, cfg.train.amp_dtype)
         use_scaler = self.amp and self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         self.objective = TrainingObjective(
-            self.model, cfg.train, self.device.type, self.amp, self.amp_dtype
+            self.model, cfg.train, self.device.type, self.amp, self.amp_dtype,
+            text_cache=self._text_cache(),
+        )  # fmt: skip
+        self.optimizer, self.scheduler = build_optimizer(
+            [*self.model.parameters(), self.objective.log_temperature], cfg.train
         )
+        self._diagnostics: dict[str, float] = {}
         self._ddp: DistributedDataParallel | None = None
         self._ddp_trainable: tuple[bool, ...] = ()
         self._writer = None
         self._stop_signal: int | None = None
+
+    def _text_cache(self) -> TextCache | None:
+        """The frozen text backbone's hidden states of every training caption
+        (``train.cache_text``), or ``None``."""
+        t = self.cfg.train
+        if not t.cache_text:
+            return None
+        if 0 <= t.freeze_text_epochs < t.epochs:
+            raise ConfigError(
+                f"train.cache_text needs a text backbone frozen for the whole run "
+                f"(train.freeze_text_epochs=-1), but train.freeze_text_epochs="
+                f"{t.freeze_text_epochs} < train.epochs={t.epochs}"
+            )
+        start = time.perf_counter()
+        captions = [c for r in self.train_records for c in r.captions]
+        cache = TextCache(self.model, captions, self.tokenizer, self.device, t.eval_batch_size)
+        log.info(
+            "text cache: %d captions, %.1f MiB, %.1f s",
+            len(cache), cache.nbytes() / 2**20, time.perf_counter() - start,
+        )  # fmt: skip
+        return cache
 
     def _loader(self, epoch: int, offset_steps: int) -> DataLoader:
         self.pairs.epoch = epoch
@@ -361,6 +578,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "log_temperature": self.objective.log_temperature.detach().clone(),
             "state": vars(self.state).copy(),
             "rng": rng,
             "config": config_to_dict(self.cfg),
@@ -383,6 +601,9 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
+        if "log_temperature" in checkpoint:
+            with torch.no_grad():
+                self.objective.log_temperature.copy_(checkpoint["log_temperature"])
         self.state = dataclasses.replace(saved, world_size=world)
         per_rank = checkpoint.get("rng_per_rank")
         if per_rank is not None and len(per_rank) == world:
@@ -426,10 +647,7 @@ class Trainer:
 
     # -------------------------------------------------------------- training
     def _freeze_for(self, epoch: int) -> None:
-        t = self.cfg.train
-        self.model.set_backbones_trainable(
-            image=epoch >= t.freeze_image_epochs, text=epoch >= t.freeze_text_epochs
-        )
+        self.model.set_backbones_trainable(**backbones_trainable(self.cfg.train, epoch))
         if not distributed.is_distributed():
             return
         # DDP synchronises the parameters that need gradients when it is built: build it
@@ -444,17 +662,18 @@ class Trainer:
             )
             self._ddp_trainable = trainable
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
+    def train_step(self, batch: dict[str, torch.Tensor], diagnose: bool = False) -> float:
         """One optimisation step on a batch; returns the loss (in a process group, the
         mean over processes of their batch losses; with ``global_batch_loss``, the
-        global batch's loss)."""
+        global batch's loss). With ``diagnose``, :attr:`diagnostics` afterwards holds
+        this step's :func:`batch_diagnostics`, gradient norms and temperature."""
         t = self.cfg.train
         images = batch["images"].to(self.device, non_blocking=True)
         ids = batch["input_ids"].to(self.device, non_blocking=True)
         mask = batch["attention_mask"].to(self.device, non_blocking=True)
         hardest = t.max_violation and self.state.epoch >= t.max_violation_warmup_epochs
         forward = self._ddp if self._ddp is not None else self.objective
-        objective, loss = forward(images, ids, mask, hardest)
+        objective, loss, level_scores = forward(images, ids, mask, hardest)
         loss = distributed.all_reduce_mean(loss)
         if not torch.isfinite(loss):
             latest = self.ckpt_dir / "latest.pt"
@@ -470,12 +689,35 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(objective).backward()
-        if t.grad_clip > 0:
+        if t.grad_clip > 0 or diagnose:
             self.scaler.unscale_(self.optimizer)
+        if diagnose:
+            self._diagnostics = {
+                **batch_diagnostics(level_scores, t.margin),
+                **self._gradient_norms(),
+                "temperature": float(self.objective.temperature.detach()),
+            }
+        if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.item()
+
+    @property
+    def diagnostics(self) -> dict[str, float]:
+        """The last diagnosed step's batch diagnostics and gradient norms."""
+        return dict(self._diagnostics)
+
+    def _gradient_norms(self) -> dict[str, float]:
+        """l2 norms of the gradients of each tower's backbone and of each level's two
+        projections (``grad_image``, ``grad_text``, ``grad_levelk_image`` / ``_text``)."""
+        towers = self.model.backbone_parameters()
+        out = {f"grad_{tower}": _grad_norm(params) for tower, params in towers.items()}
+        pairs = zip(self.model.image_tower.projections, self.model.text_tower.projections)
+        for k, (image_proj, text_proj) in enumerate(pairs):
+            out[f"grad_level{k + 1}_image"] = _grad_norm(list(image_proj.parameters()))
+            out[f"grad_level{k + 1}_text"] = _grad_norm(list(text_proj.parameters()))
+        return out
 
     def train_epoch(self) -> None:
         """Train from the current position to the end of the current epoch."""
@@ -497,7 +739,8 @@ class Trainer:
                 self._skip_empty_batch(epoch)
                 bar.update()
                 continue
-            loss = self.train_step(batch)
+            diagnose = (self.state.global_step + 1) % t.log_every == 0
+            loss = self.train_step(batch, diagnose=diagnose)
             self.state.step_in_epoch += 1
             self.state.global_step += 1
             seen += batch["images"].shape[0] * distributed.world_size()
@@ -505,10 +748,10 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", samples_s=f"{rate:.1f}")
             bar.update()
-            if self.state.global_step % t.log_every == 0:
+            if diagnose:
                 self._log(
                     {"epoch": epoch, "global_step": self.state.global_step, "loss": loss,
-                     "lr": lr, "samples_per_s": rate}
+                     "lr": lr, "samples_per_s": rate, **self._diagnostics}
                 )  # fmt: skip
             if self._stop_requested():
                 bar.close()
@@ -569,6 +812,33 @@ class Trainer:
             signum,
         )
 
+    def _warn_on_collapse(self, rsum: float, chance_rsum: float) -> bool:
+        """Warn when validation stays within ``collapse_ratio`` x chance once the
+        warm-ups are over; returns whether it warned."""
+        t = self.cfg.train
+        warmed_up = self.state.epoch > max(t.max_violation_warmup_epochs, 0)
+        if not warmed_up or rsum >= t.collapse_ratio * chance_rsum or not self.is_main:
+            return False
+        diag = self._diagnostics
+        gaps = ", ".join(
+            f"{k.removesuffix('_gap')} {v:+.3f}" for k, v in diag.items() if k.endswith("_gap")
+        )
+        grads = ", ".join(f"{k.removeprefix('grad_')} {v:.2g}" for k, v in diag.items()
+                          if k.startswith("grad_"))  # fmt: skip
+        log.warning(
+            "epoch %d: validation rSum %.1f is within %.1fx of chance (%.1f): the model is not "
+            "learning or has collapsed. Last logged batch: positive-minus-hardest-negative gap "
+            "%s; active hinges %.0f%%; gradient norms %s. Try: train.loss=infonce (every "
+            "negative, learnt temperature), model.direction=t2i (words attend to regions; "
+            "for images that are mostly background), a lower train.lr, or more "
+            "train.max_violation_warmup_epochs; see metrics.jsonl / TensorBoard for the curves",
+            self.state.epoch, rsum, t.collapse_ratio, chance_rsum, gaps or "n/a",
+            100 * diag.get("hat_active", float("nan")), grads or "n/a",
+        )  # fmt: skip
+        self._log({"epoch": self.state.epoch, "global_step": self.state.global_step,
+                   "collapse_warning": 1})  # fmt: skip
+        return True
+
     def validate(self) -> EvalReport:
         """The validation split through the same :func:`~hat.evaluate.evaluate` as the test."""
         return evaluate(
@@ -606,10 +876,13 @@ class Trainer:
                 improved = score > self.state.best_score
                 if improved:
                     self.state.best_score, self.state.best_epoch = score, self.state.epoch
+                chance = chance_metrics(report.num_images, self.cfg.data.captions_per_image)
                 self._log(
                     {"epoch": self.state.epoch, "global_step": self.state.global_step,
-                     **{f"val_{k}": v for k, v in last.items()}, "val_select": score}
+                     **{f"val_{k}": v for k, v in last.items()}, "val_select": score,
+                     "val_chance_rsum": chance["rsum"]}
                 )  # fmt: skip
+                self._warn_on_collapse(last["rsum"], chance["rsum"])
                 self.save("latest")
                 if improved:
                     self.save("best")

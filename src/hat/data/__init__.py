@@ -10,11 +10,12 @@ from hat.data.records import (
     read_karpathy,
     select_split,
 )
-from hat.data.synth import generate_scenes
+from hat.data.synth import SCENE_STYLES, SceneStyle, generate_scenes
 from hat.data.tokenize import CaptionTokenizer
 from hat.data.transforms import ImageError, build_transform, load_image
 
 __all__ = [
+    "SCENE_STYLES",
     "CaptionTokenizer",
     "DataError",
     "ImageDataset",
@@ -22,6 +23,7 @@ __all__ = [
     "ImageRecord",
     "PairCollator",
     "PairDataset",
+    "SceneStyle",
     "build_transform",
     "generate_scenes",
     "image_collate",

@@ -102,7 +102,10 @@ class TextTower(nn.Module):
         )
         return [out.hidden_states[k] for k in self.layers]
 
+    def project(self, hidden: list[Tensor]) -> list[Tensor]:
+        """One ``(B, L, H)`` hidden state per level -> one ``(B, L, d)`` per level."""
+        return [proj(h) for proj, h in zip(self.projections, hidden)]
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
         """Projected tokens: ids (B, L) -> one ``(B, L, d)`` per level."""
-        hidden = self.layer_tokens(input_ids, attention_mask)
-        return [proj(h) for proj, h in zip(self.projections, hidden)]
+        return self.project(self.layer_tokens(input_ids, attention_mask))

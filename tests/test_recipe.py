@@ -1,0 +1,169 @@
+"""The training recipes pinned: the authors' schedule and loss in ``paper`` (spec section 3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hat
+from hat.config import get_preset
+from hat.train import backbones_trainable, build_optimizer
+
+PAPER = get_preset("paper").train
+
+
+def test_paper_schedule_unfreezes_after_epoch_10_at_the_cut_learning_rate() -> None:
+    """The authors unfreeze in ``validation_epoch_end`` when ``current_epoch == 10``:
+    epochs 0-10 train the projections only, epoch 11 on everything, and StepLR cut the
+    learning rate to 1e-5 at epoch 10 already."""
+    model = hat.create_model("tiny")
+    optimizer, scheduler = build_optimizer(list(model.parameters()), PAPER)
+    backbones = {id(p) for ps in model.backbone_parameters().values() for p in ps}
+    projections = [p for p in model.parameters() if id(p) not in backbones]
+    plan = []
+    for epoch in range(24):
+        trainable = backbones_trainable(PAPER, epoch)
+        model.set_backbones_trainable(**trainable)
+        assert all(p.requires_grad for p in projections)
+        for tower, params in model.backbone_parameters().items():
+            assert all(p.requires_grad == trainable[tower] for p in params), (epoch, tower)
+        plan.append((trainable["image"], trainable["text"], optimizer.param_groups[0]["lr"]))
+        optimizer.step()
+        scheduler.step()
+    frozen = [(False, False, pytest.approx(1e-4))] * 10 + [(False, False, pytest.approx(1e-5))]
+    unfrozen = [(True, True, pytest.approx(1e-5))] * 9 + [(True, True, pytest.approx(1e-6))] * 4
+    assert plan == frozen + unfrozen
+
+
+def test_paper_keeps_the_authors_loss_and_optimiser() -> None:
+    assert (PAPER.epochs, PAPER.batch_size, PAPER.lr, PAPER.weight_decay) == (100, 58, 1e-4, 0.0)
+    assert (PAPER.lr_step_epochs, PAPER.lr_gamma) == (10, 0.1)
+    assert PAPER.margin == 0.2 and PAPER.max_violation and PAPER.max_violation_warmup_epochs == 0
+    assert PAPER.global_loss_weight == 0.0 and PAPER.amp and PAPER.amp_dtype == "float16"
+    optimizer, _ = build_optimizer([torch.nn.Parameter(torch.zeros(1))], PAPER)
+    assert type(optimizer) is torch.optim.Adam
+    model = get_preset("paper").model
+    assert model.direction == "i2t" and model.alignment == "cross_attention"
+    assert model.lambda_softmax == 9.0 and model.embed_dim == 768
+
+
+def test_paper_trains_with_the_reference_hinge_only() -> None:
+    assert PAPER.loss == "triplet" and PAPER.level_loss_weight == 0.0
+    assert not PAPER.cache_text  # the text tower unfreezes at epoch 11
+
+
+def _tiny_run(scenes, *extra: str):
+    from support import data_args
+
+    from hat.config import apply_overrides
+
+    return apply_overrides(
+        get_preset("tiny"),
+        [*data_args(scenes), "train.epochs=1", "train.max_steps_per_epoch=3", *extra],
+    )
+
+
+def test_diagnostics_are_logged(tmp_path, scenes) -> None:
+    import json
+
+    from hat.train import Trainer
+
+    cfg = _tiny_run(scenes, "train.log_every=1", "train.loss=infonce")
+    Trainer(cfg, tmp_path / "run", device="cpu", progress=False).fit()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 3
+    keys = {"temperature", "grad_image", "grad_text", "hat_gap", "hat_active"}
+    for k in range(1, 4):
+        keys |= {f"level{k}_pos", f"level{k}_hardneg", f"level{k}_gap", f"level{k}_active"}
+        keys |= {f"grad_level{k}_image", f"grad_level{k}_text"}
+    for row in steps:
+        assert keys <= set(row), keys - set(row)
+        assert row["grad_level1_image"] > 0 and 0 <= row["hat_active"] <= 1
+        gap = row["hat_pos"] - row["hat_hardneg"]
+        assert row["hat_gap"] == pytest.approx(gap)
+    # The learnt temperature moved and is saved with the run.
+    assert steps[-1]["temperature"] != pytest.approx(cfg.train.temperature, abs=1e-9)
+    assert any("val_chance_rsum" in r for r in rows)
+
+
+def test_batch_diagnostics_by_hand() -> None:
+    from hat.train import batch_diagnostics
+
+    scores = torch.tensor([[[0.9, 0.5], [0.1, 0.2]]])  # (1, 2, 2): one level
+    d = batch_diagnostics(scores, margin=0.2)
+    assert d["hat_pos"] == pytest.approx(0.55)
+    # hardest negatives: image rows 0.5, 0.1; caption columns 0.1, 0.5
+    assert d["hat_hardneg"] == pytest.approx(0.3) and d["hat_gap"] == pytest.approx(0.25)
+    # hinges: row 0: 0.2 + 0.5 - 0.9 < 0; row 1: 0.2 + 0.1 - 0.2 > 0;
+    # col 0: 0.2 + 0.1 - 0.9 < 0; col 1: 0.2 + 0.5 - 0.2 > 0 -> 2 of 4
+    assert d["hat_active"] == pytest.approx(0.5)
+
+
+def test_collapse_warning_fires_on_a_model_that_cannot_learn(tmp_path, caplog) -> None:
+    """A frozen image tower whose projections cannot learn either (lr 0) stays at
+    chance: the warning names the diagnostics; a good score does not warn."""
+    import json
+    import logging
+
+    from hat.data import generate_scenes
+    from hat.train import Trainer
+
+    # 40 validation images: chance rSum ~ 140, so 1.5x chance is a bar a model can pass.
+    scenes = generate_scenes(tmp_path / "data", n_train=16, n_val=40, n_test=3, image_size=64)
+    cfg = _tiny_run(
+        scenes, "train.epochs=2", "train.lr=0.0", "train.freeze_image_epochs=5",
+        "train.max_violation_warmup_epochs=1",
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="hat.train"):
+        trainer = Trainer(cfg, tmp_path / "run", device="cpu", progress=False)
+        trainer.fit()
+    warned = [r.getMessage() for r in caplog.records if "of chance" in r.getMessage()]
+    assert len(warned) == 1  # epoch 2 only: epoch 1 is the warm-up
+    assert "gap" in warned[0] and "train.loss=infonce" in warned[0]
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert sum("collapse_warning" in json.loads(r) for r in rows) == 1
+    assert not trainer._warn_on_collapse(rsum=200.0, chance_rsum=32.0)
+
+
+def test_cached_text_features_give_the_loss_of_recomputing_them(scenes) -> None:
+    from hat.config import apply_overrides
+    from hat.data import (
+        CaptionTokenizer,
+        PairCollator,
+        PairDataset,
+        build_transform,
+        load_records,
+        select_split,
+    )
+    from hat.train import TextCache, TrainingObjective
+
+    cfg = _tiny_run(scenes, "train.loss=infonce", "train.level_loss_weight=0.5")
+    model = hat.HAT(cfg.model).eval()  # no dropout on either side of the comparison
+    tokenizer = CaptionTokenizer.from_config(cfg.model.text)
+    train = select_split(load_records(cfg.data), "train")
+    pairs = PairDataset(train, build_transform(cfg.model.image, train=False))
+    batch = PairCollator(tokenizer)([pairs[i] for i in range(0, 40, 5)])
+    cache = TextCache(model, [c for r in train for c in r.captions], tokenizer, "cpu", 7)
+    assert len(cache) == len({c for r in train for c in r.captions})
+    args = (batch["images"], batch["input_ids"], batch["attention_mask"], True)
+    losses, grads = [], []
+    for text_cache in (None, cache):
+        objective = TrainingObjective(model, cfg.train, "cpu", False, torch.float32, text_cache)
+        model.zero_grad()
+        loss = objective(*args)[0]
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.text_tower.projections.parameters()])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for cached, recomputed in zip(grads[1], grads[0]):
+        torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-6)
+    with pytest.raises(KeyError, match="text cache"):
+        cache.lookup(*tokenizer(["a caption that is not in the training split"]).values())
+    unfreezes = apply_overrides(cfg, ["train.cache_text=true", "train.freeze_text_epochs=0"])
+    from hat.config import ConfigError
+    from hat.train import Trainer
+
+    with pytest.raises(ConfigError, match="cache_text"):
+        Trainer(unfreezes, "/nonexistent/never-written", device="cpu", progress=False)
