@@ -181,3 +181,31 @@ def test_hat_serve_command_binds_loopback_with_token(index, tmp_path):
         server.terminate()
         output = server.communicate(timeout=30)[0]
     assert f"on http://127.0.0.1:{port}/ (bearer token required)" in output
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"query": "a", "k": NaN}',
+        b'{"query": "a", "k": Infinity}',
+        b'{"query": "a", "k": -Infinity}',
+        b'{"query": "a", "k": 1e400}',
+        b'{"query": NaN}',
+        b'{"query": "a", "k": 3, "exhaustive": NaN}',
+        b'{"query": "\\ud800 x"}',
+        b'{"query": "a", "k": true}',
+        b'{"query": "a", "k": "3"}',
+        b'{"query": "a", "k": 3.0}',
+        b'{"query": "a", "exhaustive": "yes"}',
+        b'{"query": "a", "limit": 3}',
+    ],
+)
+def test_hostile_json_is_a_clear_4xx(client, raw):
+    """Values JSON cannot encode back (NaN, infinities, lone surrogates) and lax types
+    are refused with a 422 whose body is valid JSON naming the field, never a 500."""
+    response = client.post(
+        "/search/text", content=raw, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert detail and all("loc" in d and "msg" in d and "input" not in d for d in detail)

@@ -29,9 +29,10 @@ from fastapi import (
     Request,
     UploadFile,
 )
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hat.config import ServeConfig
 from hat.data import DataError, load_image
@@ -48,11 +49,33 @@ THUMBNAIL_CACHE = 1024  # thumbnails kept in memory (~20 KB each at 320 px)
 
 
 class TextQuery(BaseModel):
-    """A text search request."""
+    """A text search request. Strict: ``k`` must be a JSON integer (not ``true``,
+    ``"3"`` or ``3.0``), ``exhaustive`` a JSON boolean, ``query`` valid Unicode."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     query: str = Field(min_length=1, description="what to look for")
     k: int = Field(default=10, ge=1, description="number of results")
     exhaustive: bool = Field(default=False, description="score every image exactly")
+
+    @field_validator("query")
+    @classmethod
+    def _encodable(cls, value: str) -> str:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate such as "\ud800"
+            raise ValueError("query is not valid Unicode (a lone surrogate?)") from err
+        return value
+
+
+def _validation_details(err: RequestValidationError) -> list[dict[str, Any]]:
+    """The errors of a rejected request WITHOUT the input they were about: echoing it
+    back fails for values JSON cannot encode (NaN, 1e400, lone surrogates)."""
+    return [
+        {"loc": [str(part) for part in e.get("loc", ())], "msg": str(e.get("msg", "invalid")),
+         "type": str(e.get("type", "value_error"))}
+        for e in err.errors()
+    ]  # fmt: skip
 
 
 class HitModel(BaseModel):
@@ -138,6 +161,10 @@ def create_app(index: Index, cfg: ServeConfig = ServeConfig()) -> FastAPI:
     @app.exception_handler(DataError)
     async def data_error(request: Request, err: DataError) -> JSONResponse:
         return JSONResponse({"detail": str(err)}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _validation_details(err)}, status_code=422)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:

@@ -254,7 +254,10 @@ class TextCache:
         device: torch.device,
         batch_size: int,
     ) -> None:
+        # Batches of captions of one length: no padding to compute through.
         distinct = sorted(set(captions))
+        lengths = tokenizer(distinct)["attention_mask"].sum(dim=1).tolist()
+        distinct = [c for _, c in sorted(zip(lengths, distinct))]
         encoder = model.text_tower.encoder
         was_training = encoder.training
         encoder.eval()
@@ -266,12 +269,12 @@ class TextCache:
                 tokens = tokenizer(distinct[start : start + batch_size])
                 ids, mask = tokens["input_ids"], tokens["attention_mask"]  # (B, L)
                 hidden = model.text_tower.layer_tokens(ids.to(device), mask.to(device))
-                lengths = mask.sum(dim=1).tolist()
-                for row, length in enumerate(lengths):
+                valid = mask.bool().reshape(-1)  # (B * L,)
+                for k, h in enumerate(hidden):  # (B, L, H): keep the valid tokens, row-major
+                    parts[k].append(h.float().reshape(-1, h.shape[-1])[valid].cpu())
+                for row, length in enumerate(mask.sum(dim=1).tolist()):
                     self._rows[tuple(ids[row, :length].tolist())] = offset
                     offset += length
-                    for k, h in enumerate(hidden):  # (B, L, H)
-                        parts[k].append(h[row, :length].float().cpu())
         encoder.train(was_training)
         width = parts[0][0].shape[1]
         zero = torch.zeros(1, width)  # the row that padding positions read
