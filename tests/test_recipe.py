@@ -167,3 +167,36 @@ def test_cached_text_features_give_the_loss_of_recomputing_them(scenes) -> None:
 
     with pytest.raises(ConfigError, match="cache_text"):
         Trainer(unfreezes, "/nonexistent/never-written", device="cpu", progress=False)
+
+
+def test_thread_choice_counts_cores_and_other_processes(monkeypatch) -> None:
+    import os
+
+    from hat import train
+
+    assert train.pick_threads(3) == 3  # an explicit number wins
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(train, "_busy_cores", lambda: 0)
+    assert train.pick_threads() == cores
+    monkeypatch.setattr(train, "_busy_cores", lambda: cores + 5)
+    assert train.pick_threads() == 1  # never fewer than one
+    monkeypatch.undo()
+    assert 1 <= train.pick_threads() <= cores
+
+
+def test_resume_keeps_the_thread_count_of_the_run(tmp_path, scenes, monkeypatch) -> None:
+    """Float sums depend on the thread count: a resumed run trains with the one it was
+    saved with, whatever the machine looks like now, so that resume stays exact."""
+    from hat.config import apply_overrides
+    from hat.train import Trainer
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        cfg = _tiny_run(scenes, "train.num_threads=1")
+        Trainer(cfg, tmp_path / "run", device="cpu", progress=False).fit()
+        more = apply_overrides(cfg, ["train.epochs=2", "train.num_threads=2"])
+        resumed = Trainer(more, tmp_path / "run", device="cpu", resume=True, progress=False)
+        assert resumed.state.threads == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -401,6 +401,7 @@ def _presets() -> dict[str, ExperimentConfig]:
             lr_step_epochs=100,
             log_every=1,
             global_loss_weight=0.5,
+            num_threads=2,  # tests compare runs bit for bit: the same threads on every side
         ),
     )
     cpu = ExperimentConfig(

@@ -72,15 +72,19 @@ def run_demo(
         index.add_images(*[r.path for r in test], progress=False)
         index.add_captions(captions, progress=False)
         step = max(1, len(test) // DEMO_QUERIES)
+        ranks = []
         for target in test[::step][:DEMO_QUERIES]:
             query = target.captions[0]
             ranking = [h.path for h in index.search_text(query, k=len(test), exhaustive=True)]
             target_rank = ranking.index(str(target.path.resolve())) + 1
+            ranks.append(target_rank)
             print(f'\n  "{query}"  (written for {target.path.name}, which ranks #{target_rank})')
             for rank, hit in enumerate(index.search_text(query, k=TOP_K), start=1):
                 mark = "  <- the image it was written for" if rank == target_rank else ""
                 print(f"    {rank}. {hit.path}  score {hit.score:.3f}{mark}")
-    print(f"\nmodel directory: {out / 'model'}   metrics: {out / 'test_metrics.json'}")
+    listed = ", ".join(f"#{r}" for r in ranks)
+    print(f"\nthe example queries rank the image each was written for {listed} of {len(test)}")
+    print(f"model directory: {out / 'model'}   metrics: {out / 'test_metrics.json'}")
     print(f'index: {index_dir}  try:  hat search {index_dir} "{test[0].captions[0]}"')
     print(f"                        hat serve {index_dir}   (then open http://127.0.0.1:8000/)")
     return report.metrics["hat"]

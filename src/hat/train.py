@@ -225,7 +225,9 @@ class EpochOrder(Sampler[int]):
 
 @dataclass
 class TrainState:
-    """Progress counters saved in every checkpoint."""
+    """Progress counters saved in every checkpoint, and the CPU thread count the run
+    trains with (0: not set by the Trainer), which a resume keeps: float sums depend
+    on it, and exact resume needs the same ones."""
 
     epoch: int = 0
     step_in_epoch: int = 0
@@ -233,6 +235,7 @@ class TrainState:
     best_score: float = -math.inf
     best_epoch: int = -1
     world_size: int = 1
+    threads: int = 0
 
 
 class TextCache:
@@ -463,12 +466,9 @@ class Trainer:
             # x86 CPUs and made long CPU runs crawl; flushing them to zero changes nothing
             # measurable in the scores.
             torch.set_flush_denormal(True)
-            if "OMP_NUM_THREADS" not in os.environ:
-                threads = pick_threads(cfg.train.num_threads)
-                torch.set_num_threads(threads)
-                log.info("training on %d CPU thread(s)", threads)
+        threads = self._set_threads(checkpoint)
         seed_everything(cfg.train.seed)
-        self.state = TrainState(world_size=distributed.world_size())
+        self.state = TrainState(world_size=distributed.world_size(), threads=threads)
         self._setup()
         if distributed.is_distributed():
             # Same initial weights everywhere (seeded above); from here on each process
@@ -519,6 +519,17 @@ class Trainer:
         self._ddp_trainable: tuple[bool, ...] = ()
         self._writer = None
         self._stop_signal: int | None = None
+
+    def _set_threads(self, checkpoint: dict[str, Any] | None) -> int:
+        """On the CPU without ``OMP_NUM_THREADS``: the resumed run's thread count, else
+        :func:`pick_threads`; returns it (0 where the Trainer leaves threads alone)."""
+        if self.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+            return 0
+        saved = checkpoint["state"].get("threads", 0) if checkpoint is not None else 0
+        threads = saved or pick_threads(self.cfg.train.num_threads)
+        torch.set_num_threads(threads)
+        log.info("training on %d CPU thread(s)%s", threads, " (as saved)" if saved else "")
+        return threads
 
     def _text_cache(self) -> TextCache | None:
         """The frozen text backbone's hidden states of every training caption
