@@ -202,7 +202,8 @@ class TrainConfig:
     weighted by its softmax share) at a temperature that starts at ``temperature`` and
     is learnt (clamped to ``min_temperature`` or more) when ``learn_temperature``.
     ``level_loss_weight`` adds the same loss on each level's own scores, times that
-    weight (0: the sum alone, as the reference).
+    weight (0: the sum alone, as the reference); not with ``global_batch_loss`` under
+    torchrun.
     ``cache_text``: a text backbone that stays frozen for the whole run computes each
     training caption's hidden states once, in eval mode (no dropout), and every step
     reuses them; the projections still train. Refused when the text tower unfreezes.

@@ -378,7 +378,7 @@ class TrainingObjective(nn.Module):
                 both = self.model.similarity(img, txt)
                 scores, levels, logits = both.total, both.levels, None  # (B, B), (K, B, B)
         loss = self.score_loss(scores, hardest)
-        if t.level_loss_weight > 0 and not spread:
+        if t.level_loss_weight > 0 and not spread:  # spread + level loss: refused at setup
             loss = loss + t.level_loss_weight * sum(self.score_loss(s, hardest) for s in levels)
         if t.global_loss_weight > 0:
             if logits is None:
@@ -490,6 +490,15 @@ class Trainer:
         self.model = HAT(cfg.model, pretrained=True).to(self.device)
         self.model.global_trained.fill_(cfg.train.global_loss_weight > 0)
         self.tokenizer = CaptionTokenizer.from_config(cfg.model.text)
+        if (
+            cfg.train.level_loss_weight > 0
+            and cfg.train.global_batch_loss
+            and (distributed.is_distributed())
+        ):
+            raise ConfigError(
+                "train.level_loss_weight > 0 cannot be combined with train.global_batch_loss "
+                "under torchrun: the global batch gathers summed scores only"
+            )
         if cfg.data.skip_bad and cfg.train.global_batch_loss and distributed.is_distributed():
             raise ConfigError(
                 "data.skip_bad cannot be combined with train.global_batch_loss under torchrun: "
