@@ -57,7 +57,7 @@ from hat.data import (
     load_records,
     select_split,
 )
-from hat.evaluate import EvalReport, evaluate
+from hat.evaluate import EvalReport, caption_batches, evaluate
 from hat.losses import global_batch_scores, info_nce_loss, triplet_loss
 from hat.metrics import chance_metrics
 from hat.model import HAT, TextFeatures
@@ -268,12 +268,10 @@ class TextCache:
         parts: list[list[Tensor]] = [[] for _ in model.config.levels]
         offset = 0
         with torch.no_grad():
-            for start in range(0, len(distinct), batch_size):
-                tokens = tokenizer(distinct[start : start + batch_size])
-                ids, mask = tokens["input_ids"], tokens["attention_mask"]  # (B, L)
-                hidden = model.text_tower.layer_tokens(ids.to(device), mask.to(device))
+            for ids, mask in caption_batches(distinct, tokenizer, batch_size, device, False):
+                hidden = model.text_tower.layer_tokens(ids, mask)  # (B, L, H) per level
                 valid = mask.bool().reshape(-1)  # (B * L,)
-                for k, h in enumerate(hidden):  # (B, L, H): keep the valid tokens, row-major
+                for k, h in enumerate(hidden):  # keep the valid tokens, row-major
                     parts[k].append(h.float().reshape(-1, h.shape[-1])[valid].cpu())
                 for row, length in enumerate(mask.sum(dim=1).tolist()):
                     self._rows[tuple(ids[row, :length].tolist())] = offset
@@ -490,16 +488,13 @@ class Trainer:
         self.model = HAT(cfg.model, pretrained=True).to(self.device)
         self.model.global_trained.fill_(cfg.train.global_loss_weight > 0)
         self.tokenizer = CaptionTokenizer.from_config(cfg.model.text)
-        if (
-            cfg.train.level_loss_weight > 0
-            and cfg.train.global_batch_loss
-            and (distributed.is_distributed())
-        ):
+        spread = cfg.train.global_batch_loss and distributed.is_distributed()
+        if cfg.train.level_loss_weight > 0 and spread:
             raise ConfigError(
                 "train.level_loss_weight > 0 cannot be combined with train.global_batch_loss "
                 "under torchrun: the global batch gathers summed scores only"
             )
-        if cfg.data.skip_bad and cfg.train.global_batch_loss and distributed.is_distributed():
+        if cfg.data.skip_bad and spread:
             raise ConfigError(
                 "data.skip_bad cannot be combined with train.global_batch_loss under torchrun: "
                 "a skipped image would leave the processes with batches of different sizes; "
@@ -688,8 +683,8 @@ class Trainer:
     def train_step(self, batch: dict[str, torch.Tensor], diagnose: bool = False) -> float:
         """One optimisation step on a batch; returns the loss (in a process group, the
         mean over processes of their batch losses; with ``global_batch_loss``, the
-        global batch's loss). With ``diagnose``, :attr:`diagnostics` afterwards holds
-        this step's :func:`batch_diagnostics`, gradient norms and temperature."""
+        global batch's loss). With ``diagnose``, this step's :func:`batch_diagnostics`,
+        gradient norms and temperature are kept for the log and the collapse warning."""
         t = self.cfg.train
         images = batch["images"].to(self.device, non_blocking=True)
         ids = batch["input_ids"].to(self.device, non_blocking=True)
@@ -725,11 +720,6 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.item()
-
-    @property
-    def diagnostics(self) -> dict[str, float]:
-        """The last diagnosed step's batch diagnostics and gradient norms."""
-        return dict(self._diagnostics)
 
     def _gradient_norms(self) -> dict[str, float]:
         """l2 norms of the gradients of each tower's backbone and of each level's two
@@ -839,7 +829,7 @@ class Trainer:
         """Warn when validation stays within ``collapse_ratio`` x chance once the
         warm-ups are over; returns whether it warned."""
         t = self.cfg.train
-        warmed_up = self.state.epoch > max(t.max_violation_warmup_epochs, 0)
+        warmed_up = self.state.epoch > t.max_violation_warmup_epochs
         if not warmed_up or rsum >= t.collapse_ratio * chance_rsum or not self.is_main:
             return False
         diag = self._diagnostics

@@ -23,7 +23,7 @@ import math
 import random
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -116,7 +116,6 @@ class SceneStyle:
     background: Literal["plain", "noise", "stripes", "checker"] = "plain"
     captions: Literal["rich", "relation"] = "rich"
     siblings: bool = True
-    name: str = field(default="scenes", compare=False)
 
     def __post_init__(self) -> None:
         cells = len(CELL_NAMES)
@@ -132,9 +131,7 @@ class SceneStyle:
 # The built-in scenes and two other kinds, for checking recipes beyond one dataset.
 SCENE_STYLES = {
     "scenes": SceneStyle(),
-    "textured": SceneStyle(
-        background="stripes", captions="relation", siblings=False, name="textured"
-    ),
+    "textured": SceneStyle(background="stripes", captions="relation", siblings=False),
     "free": SceneStyle(
         object_counts=(3, 4),
         layout="free",
@@ -142,7 +139,6 @@ SCENE_STYLES = {
         background="noise",
         captions="relation",
         siblings=False,
-        name="free",
     ),  # fmt: skip
 }
 
