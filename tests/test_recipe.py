@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -50,6 +52,87 @@ def test_paper_keeps_the_authors_loss_and_optimiser() -> None:
 def test_paper_trains_with_the_reference_hinge_only() -> None:
     assert PAPER.loss == "triplet" and PAPER.level_loss_weight == 0.0
     assert not PAPER.cache_text  # the text tower unfreezes at epoch 11
+    assert not PAPER.group_captions  # (image, caption) pairs, as the reference
+
+
+def _loop_losses(scores: torch.Tensor, rows: list[int], margin: float) -> tuple:
+    """Grouped-batch losses written pair by pair: (hardest hinge, summed hinge, InfoNCE)."""
+    hardest = summed = nce_images = nce_captions = 0.0
+    for c, i in enumerate(rows):
+        pos = scores[i, c]
+        neg_captions = [scores[i, j] for j, r in enumerate(rows) if r != i]
+        neg_images = [scores[j, c] for j in range(scores.shape[0]) if j != i]
+        hinges_c = [max(0.0, margin + n - pos) for n in neg_captions]
+        hinges_i = [max(0.0, margin + n - pos) for n in neg_images]
+        hardest += max(hinges_c) + max(hinges_i)
+        summed += sum(hinges_c) + sum(hinges_i)
+        nce_images += torch.logsumexp(torch.stack([pos, *neg_captions]), 0) - pos
+        nce_captions += torch.logsumexp(scores[:, c], 0) - pos
+    return hardest, summed, 0.5 * (nce_images + nce_captions) / len(rows)
+
+
+def test_grouped_batch_losses_match_a_loop_over_pairs() -> None:
+    """Several captions per image: each is a positive of its image only, and an image's
+    other captions are not its negatives."""
+    from hat.losses import info_nce_loss, triplet_loss
+
+    torch.manual_seed(0)
+    scores = torch.randn(3, 7, dtype=torch.float64)  # (B, C)
+    rows = [0, 0, 1, 2, 2, 2, 1]
+    caption_image = torch.tensor(rows)
+    hardest, summed, nce = _loop_losses(scores, rows, 0.2)
+    assert float(triplet_loss(scores, 0.2, True, caption_image)) == pytest.approx(float(hardest))
+    assert float(triplet_loss(scores, 0.2, False, caption_image)) == pytest.approx(float(summed))
+    assert float(info_nce_loss(scores, caption_image)) == pytest.approx(float(nce))
+    # Pairs are the same losses on the diagonal.
+    square = torch.randn(5, 5, dtype=torch.float64)
+    diagonal = torch.arange(5)
+    for max_violation in (True, False):
+        expected = triplet_loss(square, 0.2, max_violation, diagonal)
+        torch.testing.assert_close(triplet_loss(square, 0.2, max_violation), expected)
+    torch.testing.assert_close(info_nce_loss(square), info_nce_loss(square, diagonal))
+    with pytest.raises(ValueError, match="caption_image"):
+        triplet_loss(scores)
+
+
+def test_grouped_batch_diagnostics_by_hand() -> None:
+    from hat.train import batch_diagnostics
+
+    # (1, 2, 3): image 0 has captions 0 and 1, image 1 has caption 2
+    scores = torch.tensor([[[0.9, 0.8, 0.3], [0.1, 0.7, 0.6]]])
+    d = batch_diagnostics(scores, margin=0.2, caption_image=torch.tensor([0, 0, 1]))
+    assert d["hat_pos"] == pytest.approx((0.9 + 0.8 + 0.6) / 3)
+    # hardest negatives: images as queries (per pair) 0.3, 0.3, 0.7; captions 0.1, 0.7, 0.3
+    assert d["hat_hardneg"] == pytest.approx((0.3 + 0.3 + 0.7 + 0.1 + 0.7 + 0.3) / 6)
+    # hinges (query, negative): (0.9; 0.3) no, (0.8; 0.3) no, (0.6; 0.1) no, (0.6; 0.7) yes;
+    # captions: (0.9; 0.1) no, (0.8; 0.7) yes, (0.6; 0.3) no -> 2 of 7
+    assert d["hat_active"] == pytest.approx(2 / 7)
+
+
+def test_grouped_captions_train_on_images_with_all_their_captions(tmp_path, scenes) -> None:
+    import json
+
+    from hat.data import ImageCaptionsDataset, PairCollator, build_transform
+    from hat.train import Trainer
+
+    cfg = _tiny_run(scenes, "train.group_captions=true", "train.max_steps_per_epoch=0",
+                    "train.log_every=1", "train.loss=infonce")  # fmt: skip
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu", progress=False)
+    images = len(trainer.train_records)
+    assert trainer.steps_per_epoch() == images // cfg.train.batch_size
+    items = ImageCaptionsDataset(
+        trainer.train_records[:3], build_transform(cfg.model.image, train=False)
+    )
+    batch = PairCollator(trainer.tokenizer)([items[0], None, items[2]])
+    counts = [len(trainer.train_records[i].captions) for i in (0, 2)]
+    assert batch["images"].shape[0] == 2 and int(batch["skipped"]) == 1
+    assert batch["caption_image"].tolist() == [0] * counts[0] + [1] * counts[1]
+    assert batch["input_ids"].shape[0] == sum(counts)
+    trainer.fit()
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == images // cfg.train.batch_size
+    assert all(0 <= r["hat_active"] <= 1 and r["grad_level1_image"] > 0 for r in steps)
 
 
 def _tiny_run(scenes, *extra: str):
@@ -158,7 +241,11 @@ def test_cached_text_features_give_the_loss_of_recomputing_them(scenes) -> None:
         grads.append([p.grad.clone() for p in model.text_tower.projections.parameters()])
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     for cached, recomputed in zip(grads[1], grads[0]):
-        torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-6)
+        # Float32 hidden states computed in other batches differ by rounding, which the
+        # sums of the backward pass spread over every entry: bound the error by the
+        # gradient's own scale, not entry by entry.
+        scale = float(recomputed.abs().max())
+        torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-4 * scale)
     with pytest.raises(KeyError, match="text cache"):
         cache.lookup(*tokenizer(["a caption that is not in the training split"]).values())
     unfreezes = apply_overrides(cfg, ["train.cache_text=true", "train.freeze_text_epochs=0"])
@@ -200,3 +287,20 @@ def test_resume_keeps_the_thread_count_of_the_run(tmp_path, scenes, monkeypatch)
         assert resumed.state.threads == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero_per_step() -> None:
+    import dataclasses
+
+    cfg = dataclasses.replace(PAPER, lr_schedule="cosine", warmup_steps=4, epochs=2, lr=1e-3)
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer, scheduler = build_optimizer([param], cfg, steps_per_epoch=10)
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # decays from the warm-up on
+    assert lrs[-1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 15 / 16)))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # after the last

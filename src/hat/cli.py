@@ -6,7 +6,7 @@ hat evaluate MODEL --split test         recall table for each level and the sum
 hat export RUN --out DIR                a run's best checkpoint as a model directory
 hat import-checkpoint CKPT --out DIR    the authors' released checkpoint as a model directory
 hat demo --out DIR                      scenes -> train -> evaluate -> example queries
-hat index build MODEL IMAGES --out IDX  index a folder of images (add / remove / info)
+hat index build MODEL IMAGES --out IDX  index a folder of images (add / remove / info / verify)
 hat search IDX "a dog on a beach"       search by text (or --image FILE)
 hat explain MODEL IMAGE "caption"       per-level word-region attention maps as a PNG
 hat serve IDX                           the web app (FastAPI) on 127.0.0.1:8000
@@ -237,12 +237,32 @@ def _index_images(args: argparse.Namespace, root: str, create) -> int:
 
 
 def _cmd_index_remove(args: argparse.Namespace) -> int:
+    from hat.index import Index, read_caption_file
+
+    if not (args.paths or args.captions or args.all_captions):
+        raise ValueError("index remove: name image files or folders, --captions or --all-captions")
+    listed = read_caption_file(args.captions) if args.captions else None  # before any write
+    with Index.open(args.index, writable=True) as index:
+        before = index.store.count("caption")
+        if listed is not None or args.all_captions:
+            dropped = index.remove_captions(listed, all_captions=args.all_captions)
+            missing = len({(e.text, e.image_path) for e in listed or ()}) - dropped
+            if listed is not None and missing:
+                print(f"{missing} caption(s) of {args.captions} were not in the index")
+        images = index.remove(args.paths) if args.paths else 0
+        left = index.store.count("caption")
+        print(f"removed {images} image(s), {before - left} caption(s); "
+              f"{len(index)} left, {left} caption(s) left")  # fmt: skip
+    return 0
+
+
+def _cmd_index_verify(args: argparse.Namespace) -> int:
     from hat.index import Index
 
-    with Index.open(args.index, writable=True) as index:
-        removed = index.remove(args.paths)
-        print(f"removed {removed} image(s); {len(index)} left")
-    return 0
+    with Index.open(args.index, writable=args.repair, strict=False) as index:
+        report = index.verify(repair=args.repair)
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 def _cmd_index_info(args: argparse.Namespace) -> int:
@@ -458,22 +478,43 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("model", help="model directory, run folder or training checkpoint")
     build.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     build.add_argument("--out", required=True, help="new index folder")
-    build.add_argument("--captions", help="captions to index too (.txt, .jsonl or .csv)")
+    build.add_argument(
+        "--captions", help="captions to index too (Karpathy .json, .jsonl, .csv or .txt)"
+    )
     index_overrides(build)
     build.set_defaults(func=_cmd_index_build)
     add = index.add_parser("add", help="index new or changed files (and captions)")
     add.add_argument("index", help="index folder")
     add.add_argument("images", nargs="*", help="image files or folders")
-    add.add_argument("--captions", help="captions to index too (.txt, .jsonl or .csv)")
+    add.add_argument(
+        "--captions", help="captions to index too (Karpathy .json, .jsonl, .csv or .txt)"
+    )
     index_overrides(add)
     add.set_defaults(func=_cmd_index_add)
-    remove = index.add_parser("remove", help="remove images (files or whole folders)")
+    remove = index.add_parser("remove", help="remove images (files or whole folders), captions")
     remove.add_argument("index", help="index folder")
-    remove.add_argument("paths", nargs="+", help="image files or folders to forget")
+    remove.add_argument(
+        "paths", nargs="*", help="image files or folders to forget, with their captions"
+    )
+    which = remove.add_mutually_exclusive_group()
+    which.add_argument(
+        "--captions", metavar="FILE", help="forget the captions listed in FILE (any caption file)"
+    )
+    which.add_argument("--all-captions", action="store_true", help="forget every caption")
     remove.set_defaults(func=_cmd_index_remove)
     info = index.add_parser("info", help="what an index holds")
     info.add_argument("index", help="index folder")
     info.set_defaults(func=_cmd_index_info)
+    verify = index.add_parser(
+        "verify", help="check every file against its checksum (exit 1 if damaged)"
+    )
+    verify.add_argument("index", help="index folder")
+    verify.add_argument(
+        "--repair", action="store_true",
+        help="drop damaged segments (re-add their images), restore the manifest, remove "
+        "leftovers of interrupted writes, rewrite the faiss files",
+    )  # fmt: skip
+    verify.set_defaults(func=_cmd_index_verify)
 
     search = sub.add_parser("search", help="search an index by text or by image")
     search.add_argument("index", help="index folder")

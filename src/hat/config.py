@@ -182,6 +182,11 @@ class DataConfig:
 class TrainConfig:
     """The training recipe (spec section 3 for the ``paper`` preset).
 
+    ``lr_schedule``: ``step`` multiplies the learning rate by ``lr_gamma`` every
+    ``lr_step_epochs`` epochs (the reference's StepLR); ``cosine`` warms it up linearly
+    over ``warmup_steps`` optimisation steps, then follows a cosine down to 0 at the
+    last step of the run (``lr_step_epochs`` and ``lr_gamma`` unused).
+
     ``max_violation_warmup_epochs``: epochs that sum the hinge over all negatives
     before switching to the hardest negative (VSE++ notes that hardest negatives
     alone can fail to start learning from scratch; 0 in ``paper``).
@@ -204,6 +209,13 @@ class TrainConfig:
     ``level_loss_weight`` adds the same loss on each level's own scores, times that
     weight (0: the sum alone, as the reference); not with ``global_batch_loss`` under
     torchrun.
+    ``group_captions``: each batch item is one training image with ALL its captions
+    (``batch_size`` images, ``captions_per_image`` times as many captions, scored all
+    against all, every caption of an image a positive of it and no other image's), so
+    that one pass of the image tower learns from every caption: an epoch is still
+    each caption once, in a fifth of the image passes with 5 captions per image.
+    Off (the reference): items are (image, caption) pairs. Not with
+    ``global_batch_loss`` under torchrun.
     ``cache_text``: a text backbone that stays frozen for the whole run computes each
     training caption's hidden states once, in eval mode (no dropout), and every step
     reuses them; the projections still train. Refused when the text tower unfreezes.
@@ -232,6 +244,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     lr_step_epochs: int = 10
     lr_gamma: float = 0.1
+    lr_schedule: Literal["step", "cosine"] = "step"
+    warmup_steps: int = 0
     margin: float = 0.2
     max_violation: bool = True
     max_violation_warmup_epochs: int = 0
@@ -254,6 +268,7 @@ class TrainConfig:
     log_every: int = 10
     max_steps_per_epoch: int = 0
     global_batch_loss: bool = False
+    group_captions: bool = False
     cache_text: bool = False
     num_threads: int = 0
     collapse_ratio: float = 1.5

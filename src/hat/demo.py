@@ -8,21 +8,40 @@ output folder instead of starting over.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from hat.checkpoint import resolve_model, save_model
 from hat.config import apply_overrides, get_preset
-from hat.data import CaptionTokenizer, generate_scenes, load_records, select_split
+from hat.data import CaptionTokenizer, ImageRecord, generate_scenes, load_records, select_split
 from hat.evaluate import evaluate, format_report
 from hat.index import Index
 from hat.train import Trainer, pick_device
 
-__all__ = ["DEMO_QUERIES", "run_demo"]
+__all__ = ["DEMO_QUERIES", "run_demo", "write_captions"]
 
 DEMO_QUERIES = 3
 SCENE_SIZE = 96
 TOP_K = 3
+
+
+def write_captions(path: str | Path, records: Sequence[ImageRecord]) -> Path:
+    """Write the captions of ``records`` as a JSONL caption file for ``hat index add
+    --captions``, each image path relative to the file's own folder (the rule every
+    caption file follows)."""
+    path = Path(path)
+    folder = os.path.abspath(path.parent)
+    path.write_text(
+        "".join(
+            json.dumps({"caption": c, "image": os.path.relpath(os.path.abspath(r.path), folder)})
+            + "\n"
+            for r in records
+            for c in r.captions
+        )
+    )
+    return path
 
 
 def run_demo(
@@ -59,14 +78,7 @@ def run_demo(
     print(f"[4/4] indexing the {len(test)} test images, then searching them by text")
     index_dir = out / "index"
     shutil.rmtree(index_dir, ignore_errors=True)  # the model may have changed since
-    captions = out / "test_captions.jsonl"
-    captions.write_text(
-        "".join(
-            json.dumps({"caption": c, "image": str(r.path)}) + "\n"
-            for r in test
-            for c in r.captions
-        )
-    )
+    captions = write_captions(out / "test_captions.jsonl", test)
     Index.create(index_dir, out / "model").close()
     with Index.open(index_dir, device=dev, writable=True) as index:
         index.add_images(*[r.path for r in test], progress=False)
@@ -76,7 +88,7 @@ def run_demo(
         for target in test[::step][:DEMO_QUERIES]:
             query = target.captions[0]
             ranking = [h.path for h in index.search_text(query, k=len(test), exhaustive=True)]
-            target_rank = ranking.index(str(target.path.resolve())) + 1
+            target_rank = ranking.index(os.path.abspath(target.path)) + 1
             ranks.append(target_rank)
             print(f'\n  "{query}"  (written for {target.path.name}, which ranks #{target_rank})')
             for rank, hit in enumerate(index.search_text(query, k=TOP_K), start=1):

@@ -11,63 +11,111 @@ from hat import distributed
 from hat.config import ModelConfig
 from hat.model import HAT, ImageFeatures, TextFeatures, similarity
 
-__all__ = ["TripletLoss", "global_batch_scores", "info_nce_loss", "triplet_loss"]
+__all__ = [
+    "TripletLoss",
+    "global_batch_scores",
+    "info_nce_loss",
+    "positive_mask",
+    "triplet_loss",
+]
 
 
-def triplet_loss(scores: Tensor, margin: float = 0.2, max_violation: bool = True) -> Tensor:
+def positive_mask(scores: Tensor, caption_image: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(B, C)`` scores and each caption's image row ``(C,)`` (``None``: the diagonal of a
+    square matrix) -> the ``(B, C)`` mask of positive pairs and the ``(C,)`` rows."""
+    if scores.dim() != 2:
+        raise ValueError(f"expected a (B, C) score matrix, got {tuple(scores.shape)}")
+    b, c = scores.shape
+    if caption_image is None:
+        if b != c:
+            raise ValueError(
+                f"a non-square ({b}, {c}) score matrix needs caption_image, the image row "
+                "of each caption"
+            )
+        caption_image = torch.arange(c, device=scores.device)
+    if caption_image.shape != (c,):
+        raise ValueError(f"caption_image must have shape ({c},), got {tuple(caption_image.shape)}")
+    rows = torch.arange(b, device=scores.device)  # (B,)
+    return rows[:, None] == caption_image[None, :], caption_image  # (B, C), (C,)
+
+
+def triplet_loss(
+    scores: Tensor,
+    margin: float = 0.2,
+    max_violation: bool = True,
+    caption_image: Tensor | None = None,
+) -> Tensor:
     """VSE++ hinge loss of a batch score matrix, summed over queries (the reference's form).
 
-    Image ``i`` as query against negative captions ``j``:
-    ``max(0, margin + S[i, j] - S[i, i])``; caption ``j`` as query against negative
-    images ``i``: ``max(0, margin + S[i, j] - S[j, j])``. Only the diagonal is masked:
-    two pairs that share an image are still negatives of each other.
+    Each positive pair ``(i, c)`` (image ``i``, caption ``c``) is two queries. The image
+    as query against each caption ``c'`` that is not one of its own:
+    ``max(0, margin + S[i, c'] - S[i, c])``; the caption as query against each other
+    image ``i'``: ``max(0, margin + S[i', c] - S[i, c])``. With pairs (``caption_image``
+    ``None``: positives on the diagonal) only the diagonal is masked, as in the
+    reference: two pairs that share an image are still negatives of each other.
 
     Args:
-        scores: ``(B, B)`` scores, images in rows, captions in columns, positives on
-            the diagonal; any float dtype and device.
+        scores: ``(B, C)`` scores, images in rows, captions in columns; any float dtype
+            and device.
         margin: hinge margin.
         max_violation: keep only each query's hardest negative (VSE++) instead of
             summing over all negatives.
+        caption_image: ``(C,)`` row of each caption's image, for batches that hold
+            several captions per image; ``None``: ``B == C`` and caption ``j`` is image
+            ``j``'s.
 
     Returns:
-        Scalar loss in ``scores``' dtype: the SUM over all ``2B`` queries, not the mean.
+        Scalar loss in ``scores``' dtype: the SUM over all ``2C`` queries, not the mean.
     """
-    if scores.dim() != 2 or scores.shape[0] != scores.shape[1]:
-        raise ValueError(f"expected a square (B, B) score matrix, got {tuple(scores.shape)}")
-    positive = scores.diagonal()  # (B,)
-    eye = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)  # (B, B)
-    cost_caption = (margin + scores - positive[:, None]).clamp(min=0)  # (B, B) image queries
-    cost_image = (margin + scores - positive[None, :]).clamp(min=0)  # (B, B) caption queries
-    cost_caption = cost_caption.masked_fill(eye, 0)
-    cost_image = cost_image.masked_fill(eye, 0)
+    positives, rows = positive_mask(scores, caption_image)  # (B, C), (C,)
+    positive = scores.gather(0, rows[None, :])[0]  # (C,)
+    # caption queries: every image that is not the caption's own
+    cost_image = (margin + scores - positive[None, :]).clamp(min=0).masked_fill(positives, 0)
     if max_violation:
-        return cost_caption.max(dim=1).values.sum() + cost_image.max(dim=0).values.sum()
+        # image queries: the image's hardest negative caption, shared by its positives
+        negatives = scores.masked_fill(positives, -torch.inf)  # (B, C)
+        hardest = negatives.max(dim=1).values[rows]  # (C,)
+        cost_caption = (margin + hardest - positive).clamp(min=0)  # (C,)
+        return cost_caption.sum() + cost_image.max(dim=0).values.sum()
+    own_rows = scores[rows]  # (C, C): each pair's image against every caption
+    cost_caption = (margin + own_rows - positive[:, None]).clamp(min=0)  # (C, C)
+    cost_caption = cost_caption.masked_fill(positives[rows], 0)
     return cost_caption.sum() + cost_image.sum()
 
 
 class TripletLoss(nn.Module):
-    """Module form of :func:`triplet_loss`: ``(B, B)`` scores -> scalar loss."""
+    """Module form of :func:`triplet_loss`: ``(B, C)`` scores -> scalar loss."""
 
     def __init__(self, margin: float = 0.2, max_violation: bool = True) -> None:
         super().__init__()
         self.margin = margin
         self.max_violation = max_violation
 
-    def forward(self, scores: Tensor) -> Tensor:
-        """``(B, B)`` scores, positives on the diagonal -> scalar summed hinge loss."""
-        return triplet_loss(scores, self.margin, self.max_violation)
+    def forward(self, scores: Tensor, caption_image: Tensor | None = None) -> Tensor:
+        """``(B, C)`` scores (and each caption's image row) -> scalar summed hinge loss."""
+        return triplet_loss(scores, self.margin, self.max_violation, caption_image)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, max_violation={self.max_violation}"
 
 
-def info_nce_loss(logits: Tensor) -> Tensor:
-    """Symmetric InfoNCE of ``(B, B)`` image-caption logits, positives on the diagonal.
+def info_nce_loss(logits: Tensor, caption_image: Tensor | None = None) -> Tensor:
+    """Symmetric InfoNCE of ``(B, C)`` image-caption logits.
 
-    Returns the scalar mean of the image->caption and caption->image cross-entropies.
+    Caption queries: cross-entropy over the ``B`` images. Image queries: each positive
+    pair ``(i, c)`` is a cross-entropy over caption ``c`` and the captions that are not
+    image ``i``'s (its other positives are left out of the denominator). With
+    ``caption_image`` ``None``, ``B == C`` and the positives are the diagonal (the
+    usual symmetric InfoNCE); otherwise it gives each caption's image row ``(C,)``.
+
+    Returns the scalar mean of the two directions, each a mean over the ``C`` pairs.
     """
-    targets = torch.arange(logits.shape[0], device=logits.device)  # (B,)
-    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+    positives, rows = positive_mask(logits, caption_image)  # (B, C), (C,)
+    caption_queries = F.cross_entropy(logits.T, rows)
+    positive = logits.gather(0, rows[None, :])[0]  # (C,)
+    others = torch.logsumexp(logits.masked_fill(positives, -torch.inf), dim=1)[rows]  # (C,)
+    image_queries = (torch.logaddexp(positive, others) - positive).mean()
+    return 0.5 * (image_queries + caption_queries)
 
 
 def global_batch_scores(

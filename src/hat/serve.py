@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import hmac
 import io
+import logging
+import os
 import time
 from importlib import resources
 from typing import Annotated, Any, Literal
@@ -37,15 +39,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from hat.config import ServeConfig
 from hat.data import DataError, load_image
 from hat.explain import render_png
-from hat.index import Hit, Index
+from hat.index import Hit, Index, IndexFormatError
+from hat.index.reader import open_image_file
 
 __all__ = ["create_app", "serve"]
+
+log = logging.getLogger(__name__)
 
 UPLOAD_CHUNK = 2**16
 MAX_ID = 2**63 - 1  # SQLite's integer range
 ImageId = Annotated[int, Path(ge=1, le=MAX_ID, description="an image id from a search result")]
 THUMBNAIL_QUALITY = 85
-THUMBNAIL_CACHE = 1024  # thumbnails kept in memory (~20 KB each at 320 px)
+THUMBNAIL_CACHE = 1024  # thumbnails kept in memory (~20 KB each at 320 px), by file version
 
 
 class TextQuery(BaseModel):
@@ -162,6 +167,12 @@ def create_app(index: Index, cfg: ServeConfig = ServeConfig()) -> FastAPI:
     async def data_error(request: Request, err: DataError) -> JSONResponse:
         return JSONResponse({"detail": str(err)}, status_code=422)
 
+    @app.exception_handler(IndexFormatError)
+    async def damaged_index(request: Request, err: IndexFormatError) -> JSONResponse:
+        # The server's own files, not the request: 503, with the file and the repair.
+        log.error("%s", err)
+        return JSONResponse({"detail": f"the index is damaged: {err}"}, status_code=503)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": _validation_details(err)}, status_code=422)
@@ -195,12 +206,12 @@ def create_app(index: Index, cfg: ServeConfig = ServeConfig()) -> FastAPI:
         return _hits(index.search_image(image, k, exhaustive), started)
 
     @functools.lru_cache(maxsize=THUMBNAIL_CACHE)
-    def thumbnail(image_id: int) -> bytes:
-        """JPEG bytes of an image's thumbnail; errors are raised, never cached."""
+    def thumbnail(image_id: int, path: str, version: tuple[int, int]) -> bytes:
+        """JPEG bytes of the thumbnail of one version (size, mtime) of an indexed
+        image's file; errors are raised, never cached. Only a regular file is read."""
         try:
-            picture = load_image(index.image_path(image_id))
-        except KeyError as err:
-            raise HTTPException(404, f"no image with id {image_id}") from err
+            with open_image_file(path) as f:
+                picture = load_image(f)
         except DataError as err:
             raise HTTPException(410, "the image file is no longer readable") from err
         picture.thumbnail((cfg.thumbnail_size, cfg.thumbnail_size))
@@ -210,8 +221,19 @@ def create_app(index: Index, cfg: ServeConfig = ServeConfig()) -> FastAPI:
 
     @guarded.get("/images/{image_id}", responses={200: {"content": {"image/jpeg": {}}}})
     def image(image_id: ImageId) -> Response:
-        """A JPEG thumbnail of an indexed image, by id."""
-        return Response(thumbnail(image_id), media_type="image/jpeg")
+        """A JPEG thumbnail of an indexed image, by id. The index is asked on every
+        request: an image removed from it is 404 at once (even while another process
+        removes it), a file changed on disk gets a new thumbnail, a file gone is 410."""
+        try:
+            path = index.image_path(image_id)
+        except KeyError as err:
+            raise HTTPException(404, f"no image with id {image_id}") from err
+        try:
+            st = os.stat(path)
+        except OSError as err:
+            raise HTTPException(410, "the image file is no longer readable") from err
+        jpeg = thumbnail(image_id, path, (st.st_size, st.st_mtime_ns))
+        return Response(jpeg, media_type="image/jpeg")
 
     @guarded.get("/explain/{image_id}", responses={200: {"content": {"image/png": {}}}})
     def explain(

@@ -51,6 +51,7 @@ from hat.config import ConfigError, ExperimentConfig, TrainConfig, config_to_dic
 from hat.data import (
     CaptionTokenizer,
     DataError,
+    ImageCaptionsDataset,
     PairCollator,
     PairDataset,
     build_transform,
@@ -58,7 +59,7 @@ from hat.data import (
     select_split,
 )
 from hat.evaluate import EvalReport, caption_batches, evaluate
-from hat.losses import global_batch_scores, info_nce_loss, triplet_loss
+from hat.losses import global_batch_scores, info_nce_loss, positive_mask, triplet_loss
 from hat.metrics import chance_metrics
 from hat.model import HAT, TextFeatures
 
@@ -147,14 +148,26 @@ def backbones_trainable(cfg: TrainConfig, epoch: int) -> dict[str, bool]:
 
 
 def build_optimizer(
-    params: list[nn.Parameter], cfg: TrainConfig
+    params: list[nn.Parameter], cfg: TrainConfig, steps_per_epoch: int = 1
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """Adam (no weight decay in ``paper``) and the per-epoch StepLR of the recipe."""
+    """Adam (no weight decay in ``paper``) and the recipe's learning-rate schedule:
+    ``step`` is stepped once per epoch (StepLR), ``cosine`` once per optimisation step
+    (a linear warm-up over ``warmup_steps``, then a cosine from ``lr`` to 0 at the last
+    of ``epochs * steps_per_epoch`` steps)."""
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(
-        optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma
-    )
-    return optimizer, scheduler
+    if cfg.lr_schedule == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma
+        )
+        return optimizer, scheduler
+    total, warmup = max(cfg.epochs * steps_per_epoch, 1), cfg.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total) / max(total - warmup, 1)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def seed_everything(seed: int) -> None:
@@ -164,7 +177,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class SeededPairs(Dataset):
+class SeededItems(Dataset):
     """Makes each item's random augmentation a function of (seed, epoch, index) only,
     so that data order and augmentation survive a resume and any worker count."""
 
@@ -346,12 +359,15 @@ class TrainingObjective(nn.Module):
         """The InfoNCE temperature, at least ``cfg.min_temperature``."""
         return self.log_temperature.exp().clamp_min(self.cfg.min_temperature)
 
-    def score_loss(self, scores: Tensor, hardest: bool) -> Tensor:
-        """The configured loss of one ``(B, B)`` batch score matrix (positives on the
-        diagonal): the hinge of ``cfg.margin`` or InfoNCE at the current temperature."""
+    def score_loss(self, scores: Tensor, hardest: bool, caption_image: Tensor | None) -> Tensor:
+        """The configured loss of one ``(B, C)`` batch score matrix (``caption_image``:
+        each caption's image row; ``None``: positives on the diagonal): the hinge of
+        ``cfg.margin`` or InfoNCE at the current temperature."""
         if self.cfg.loss == "infonce":
-            return info_nce_loss(scores.float() / self.temperature)
-        return triplet_loss(scores.float(), margin=self.cfg.margin, max_violation=hardest)
+            return info_nce_loss(scores.float() / self.temperature, caption_image)
+        return triplet_loss(
+            scores.float(), self.cfg.margin, max_violation=hardest, caption_image=caption_image
+        )
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
         if self.text_cache is None:
@@ -360,10 +376,15 @@ class TrainingObjective(nn.Module):
         return self.model.encode_text_hidden(hidden, attention_mask)
 
     def forward(
-        self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, hardest: bool
+        self,
+        images: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        hardest: bool,
+        caption_image: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """images ``(B, 3, H, W)``, token ids and mask ``(B, L)`` ->
-        ``(objective, loss, level_scores)``."""
+        """images ``(B, 3, H, W)``, token ids and mask ``(C, L)``, each caption's image
+        row ``(C,)`` (``None``: pairs, ``C == B``) -> ``(objective, loss, level_scores)``."""
         t = self.cfg
         spread = t.global_batch_loss and distributed.is_distributed()
         with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp):
@@ -374,43 +395,52 @@ class TrainingObjective(nn.Module):
                 levels = scores[None]  # (1, WB, WB)
             else:
                 both = self.model.similarity(img, txt)
-                scores, levels, logits = both.total, both.levels, None  # (B, B), (K, B, B)
-        loss = self.score_loss(scores, hardest)
-        if t.level_loss_weight > 0 and not spread:  # spread + level loss: refused at setup
-            loss = loss + t.level_loss_weight * sum(self.score_loss(s, hardest) for s in levels)
+                scores, levels, logits = both.total, both.levels, None  # (B, C), (K, B, C)
+        # spread + level loss or grouped captions: refused at setup
+        loss = self.score_loss(scores, hardest, caption_image)
+        if t.level_loss_weight > 0 and not spread:
+            loss = loss + t.level_loss_weight * sum(
+                self.score_loss(s, hardest, caption_image) for s in levels
+            )
         if t.global_loss_weight > 0:
             if logits is None:
-                logits = self.model.global_similarity(img, txt)  # (B, B)
+                logits = self.model.global_similarity(img, txt)  # (B, C)
             loss = loss + t.global_loss_weight * info_nce_loss(
-                logits.float() / t.global_temperature
+                logits.float() / t.global_temperature, caption_image
             )
         scale = distributed.world_size() if spread else 1
         return loss * scale, loss.detach(), levels.detach()
 
 
-def batch_diagnostics(level_scores: Tensor, margin: float) -> dict[str, float]:
+def batch_diagnostics(
+    level_scores: Tensor, margin: float, caption_image: Tensor | None = None
+) -> dict[str, float]:
     """How far a batch's scores separate positives from negatives, per level and summed.
 
-    ``level_scores``: ``(K, B, B)`` scores, positives on the diagonal. For each level
-    ``levelk`` and for their sum ``hat``: ``_pos`` the mean positive score, ``_hardneg``
-    the mean over all ``2B`` queries (image rows and caption columns) of the hardest
-    negative, ``_gap`` their difference, ``_active`` the share of negative pairs whose
+    ``level_scores``: ``(K, B, C)`` scores; ``caption_image``: each caption's image row
+    ``(C,)`` (``None``: positives on the diagonal, ``B == C``). Each positive pair is two
+    queries, its image and its caption. For each level ``levelk`` and for their sum
+    ``hat``: ``_pos`` the mean positive score, ``_hardneg`` the mean over all ``2C``
+    queries of the hardest negative (a caption not of the image; another image),
+    ``_gap`` their difference, ``_active`` the share of (query, negative) pairs whose
     hinge ``margin + s_neg - s_pos`` is still positive. A level whose gap stays at 0
     with every score alike is dead; a collapse shows as the ``hat`` gap near 0.
     """
-    k, b, _ = level_scores.shape
+    k = level_scores.shape[0]
     named = {f"level{i + 1}": level_scores[i] for i in range(k)} if k > 1 else {}
     named["hat"] = level_scores.sum(dim=0)
-    eye = torch.eye(b, dtype=torch.bool, device=level_scores.device)  # (B, B)
+    positives, rows = positive_mask(level_scores[0], caption_image)  # (B, C), (C,)
+    own_negatives = ~positives[rows]  # (C, C): the captions that are not the pair's image's
+    pairs = own_negatives.sum() + (~positives).sum()
     out = {}
     for name, s in named.items():
         s = s.float()
-        pos = s.diagonal()  # (B,)
-        negatives = s.masked_fill(eye, -torch.inf)  # (B, B)
-        hardest = torch.cat([negatives.max(dim=1).values, negatives.max(dim=0).values])  # (2B,)
-        hinge_rows = (margin + s - pos[:, None] > 0) & ~eye  # (B, B) image queries
-        hinge_cols = (margin + s - pos[None, :] > 0) & ~eye  # (B, B) caption queries
-        active = (hinge_rows.sum() + hinge_cols.sum()) / max(2 * b * (b - 1), 1)
+        pos = s.gather(0, rows[None, :])[0]  # (C,)
+        negatives = s.masked_fill(positives, -torch.inf)  # (B, C)
+        hardest = torch.cat([negatives.max(dim=1).values[rows], negatives.max(dim=0).values])
+        hinge_images = (margin + s[rows] - pos[:, None] > 0) & own_negatives  # (C, C)
+        hinge_captions = (margin + s - pos[None, :] > 0) & ~positives  # (B, C)
+        active = (hinge_images.sum() + hinge_captions.sum()) / max(int(pairs), 1)
         out[f"{name}_pos"] = float(pos.mean())
         out[f"{name}_hardneg"] = float(hardest.mean())
         out[f"{name}_gap"] = float(pos.mean() - hardest.mean())
@@ -500,12 +530,18 @@ class Trainer:
                 "a skipped image would leave the processes with batches of different sizes; "
                 "clean the data or turn one of them off"
             )
-        pairs = PairDataset(
+        if cfg.train.group_captions and spread:
+            raise ConfigError(
+                "train.group_captions cannot be combined with train.global_batch_loss under "
+                "torchrun: the global batch gathers one caption per image"
+            )
+        dataset = ImageCaptionsDataset if cfg.train.group_captions else PairDataset
+        items = dataset(
             self.train_records,
             build_transform(cfg.model.image, train=True),
             skip_bad=cfg.data.skip_bad,
         )
-        self.pairs = SeededPairs(pairs, cfg.train.seed)
+        self.items = SeededItems(items, cfg.train.seed)
         self.collate = PairCollator(self.tokenizer)
         self.amp = cfg.train.amp and self.device.type == "cuda"
         self.amp_dtype = getattr(torch, cfg.train.amp_dtype)
@@ -516,8 +552,9 @@ class Trainer:
             text_cache=self._text_cache(),
         )  # fmt: skip
         self.optimizer, self.scheduler = build_optimizer(
-            [*self.model.parameters(), self.objective.log_temperature], cfg.train
-        )
+            [*self.model.parameters(), self.objective.log_temperature], cfg.train,
+            self.steps_per_epoch(),
+        )  # fmt: skip
         self._diagnostics: dict[str, float] = {}
         self._ddp: DistributedDataParallel | None = None
         self._ddp_trainable: tuple[bool, ...] = ()
@@ -557,14 +594,14 @@ class Trainer:
         return cache
 
     def _loader(self, epoch: int, offset_steps: int) -> DataLoader:
-        self.pairs.epoch = epoch
+        self.items.epoch = epoch
         batch, world = self.cfg.train.batch_size, distributed.world_size()
         sampler = EpochOrder(
-            len(self.pairs), self.cfg.train.seed, epoch, offset_steps * batch * world,
+            len(self.items), self.cfg.train.seed, epoch, offset_steps * batch * world,
             batch, distributed.rank(), world,
         )  # fmt: skip
         return DataLoader(
-            self.pairs,
+            self.items,
             batch_size=batch,
             sampler=sampler,
             num_workers=self.cfg.data.num_workers,
@@ -579,7 +616,7 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         """Optimisation steps of one epoch: whole global batches, capped by
         ``max_steps_per_epoch``."""
-        steps = len(self.pairs) // (self.cfg.train.batch_size * distributed.world_size())
+        steps = len(self.items) // (self.cfg.train.batch_size * distributed.world_size())
         limit = self.cfg.train.max_steps_per_epoch
         return min(steps, limit) if limit else steps
 
@@ -689,9 +726,11 @@ class Trainer:
         images = batch["images"].to(self.device, non_blocking=True)
         ids = batch["input_ids"].to(self.device, non_blocking=True)
         mask = batch["attention_mask"].to(self.device, non_blocking=True)
+        caption_image = batch["caption_image"].to(self.device, non_blocking=True)  # (C,)
         hardest = t.max_violation and self.state.epoch >= t.max_violation_warmup_epochs
+        spread = t.global_batch_loss and distributed.is_distributed()  # (1, WB, WB) scores
         forward = self._ddp if self._ddp is not None else self.objective
-        objective, loss, level_scores = forward(images, ids, mask, hardest)
+        objective, loss, level_scores = forward(images, ids, mask, hardest, caption_image)
         loss = distributed.all_reduce_mean(loss)
         if not torch.isfinite(loss):
             latest = self.ckpt_dir / "latest.pt"
@@ -711,7 +750,7 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         if diagnose:
             self._diagnostics = {
-                **batch_diagnostics(level_scores, t.margin),
+                **batch_diagnostics(level_scores, t.margin, None if spread else caption_image),
                 **self._gradient_norms(),
                 "temperature": float(self.objective.temperature.detach()),
             }
@@ -719,6 +758,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if t.lr_schedule == "cosine":
+            self.scheduler.step()
         return loss.item()
 
     def _gradient_norms(self) -> dict[str, float]:
@@ -772,12 +813,13 @@ class Trainer:
                 self._interrupt()
         bar.close()
         if skipped:
+            unit = "images" if t.group_captions else "pairs"
             log.warning(
-                "epoch %d: skipped %d pair(s) whose image was unreadable (data.skip_bad)",
-                epoch + 1, skipped,
+                "epoch %d: skipped %d %s whose image was unreadable (data.skip_bad)",
+                epoch + 1, skipped, unit,
             )  # fmt: skip
             self._log({"epoch": epoch, "global_step": self.state.global_step,
-                       "skipped_pairs": skipped})  # fmt: skip
+                       f"skipped_{unit}": skipped})  # fmt: skip
 
     def _skip_empty_batch(self, epoch: int) -> None:
         """A batch whose every image was unreadable (``data.skip_bad``): no update, but
@@ -883,7 +925,8 @@ class Trainer:
                 report = self.validate()
                 last = report.metrics["hat"]
                 score = sum(last[m] for m in t.select_metric)
-                self.scheduler.step()
+                if t.lr_schedule == "step":
+                    self.scheduler.step()
                 self.state.epoch += 1
                 self.state.step_in_epoch = 0
                 improved = score > self.state.best_score

@@ -1,6 +1,12 @@
 """Data: dataset readers, the built-in scene generator, transforms, tokenisation, datasets."""
 
-from hat.data.datasets import ImageDataset, PairCollator, PairDataset, image_collate
+from hat.data.datasets import (
+    ImageCaptionsDataset,
+    ImageDataset,
+    PairCollator,
+    PairDataset,
+    image_collate,
+)
 from hat.data.records import (
     DataError,
     ImageRecord,
@@ -18,6 +24,7 @@ __all__ = [
     "SCENE_STYLES",
     "CaptionTokenizer",
     "DataError",
+    "ImageCaptionsDataset",
     "ImageDataset",
     "ImageError",
     "ImageRecord",

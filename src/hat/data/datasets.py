@@ -26,11 +26,18 @@ from hat.data.records import ImageRecord
 from hat.data.tokenize import CaptionTokenizer
 from hat.data.transforms import ImageError, load_image
 
-__all__ = ["ImageDataset", "PairCollator", "PairDataset", "image_collate"]
+__all__ = [
+    "ImageCaptionsDataset",
+    "ImageDataset",
+    "PairCollator",
+    "PairDataset",
+    "image_collate",
+]
 
 _log = logging.getLogger(__name__)
 
 PairItem = tuple[Tensor, str, int]
+ImageCaptionsItem = tuple[Tensor, tuple[str, ...], int]
 ImageItem = tuple[Tensor, int]
 
 
@@ -78,6 +85,27 @@ class PairDataset(Dataset):
         return image, record.captions[caption_index], image_index
 
 
+class ImageCaptionsDataset(Dataset):
+    """One item per image with every caption of it: ``(image (3, H, W), captions,
+    image_index)``, for batches of images that each bring all their captions
+    (``train.group_captions``). ``None`` for a bad image when ``skip_bad``."""
+
+    def __init__(
+        self, records: Sequence[ImageRecord], transform: Callable, skip_bad: bool = False
+    ) -> None:
+        self.records = list(records)
+        self.transform = transform
+        self.skip_bad = skip_bad
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> ImageCaptionsItem | None:
+        record = self.records[index]
+        image = _load(record, self.transform, index, self.skip_bad)
+        return None if image is None else (image, tuple(record.captions), index)
+
+
 class ImageDataset(Dataset):
     """One item per image: ``(image (3, H, W), image_index)``, for encoding each image once.
 
@@ -101,13 +129,18 @@ class ImageDataset(Dataset):
 
 
 class PairCollator:
-    """Pair items -> ``{"images" (B, 3, H, W), "input_ids" (B, L), "attention_mask" (B, L),
-    "image_index" (B,), "skipped" ()}``; ``None`` items are left out and counted."""
+    """Pair or image-captions items -> ``{"images" (B, 3, H, W), "input_ids" (C, L),
+    "attention_mask" (C, L), "caption_image" (C,), "image_index" (B,), "skipped" ()}``.
+
+    ``caption_image`` is the batch row of each caption's image: ``arange(B)`` for
+    :class:`PairDataset` items (``C == B``), each image's row repeated once per caption
+    for :class:`ImageCaptionsDataset` items. ``None`` items are left out and counted.
+    """
 
     def __init__(self, tokenizer: CaptionTokenizer) -> None:
         self.tokenizer = tokenizer
 
-    def __call__(self, items: list[PairItem | None]) -> dict[str, Tensor]:
+    def __call__(self, items: list[PairItem | ImageCaptionsItem | None]) -> dict[str, Tensor]:
         kept = [item for item in items if item is not None]
         skipped = _skipped(len(items) - len(kept))
         if not kept:
@@ -116,15 +149,20 @@ class PairCollator:
                 "images": torch.zeros(0, 3, 0, 0),
                 "input_ids": empty_tokens,
                 "attention_mask": empty_tokens.clone(),
+                "caption_image": torch.zeros(0, dtype=torch.long),
                 "image_index": torch.zeros(0, dtype=torch.long),
                 "skipped": skipped,
             }
-        images, captions, indices = zip(*kept)
+        images, texts, indices = zip(*kept)
+        groups = [(t,) if isinstance(t, str) else t for t in texts]
+        captions = [c for group in groups for c in group]
+        rows = [row for row, group in enumerate(groups) for _ in group]
         tokens = self.tokenizer(captions)
         return {
             "images": torch.stack(images),  # (B, 3, H, W)
-            "input_ids": tokens["input_ids"],  # (B, L)
-            "attention_mask": tokens["attention_mask"],  # (B, L)
+            "input_ids": tokens["input_ids"],  # (C, L)
+            "attention_mask": tokens["attention_mask"],  # (C, L)
+            "caption_image": torch.tensor(rows, dtype=torch.long),  # (C,)
             "image_index": torch.tensor(indices, dtype=torch.long),  # (B,)
             "skipped": skipped,  # ()
         }

@@ -1,6 +1,6 @@
 """Index an image collection with a trained HAT model and search it by text or image."""
 
-from hat.index.index import AddReport, Hit, Index
+from hat.index.index import AddReport, Hit, Index, VerifyReport
 from hat.index.reader import CaptionEntry, find_images, read_caption_file
 from hat.index.store import FORMAT_VERSION, IndexFormatError
 
@@ -11,6 +11,7 @@ __all__ = [
     "Hit",
     "Index",
     "IndexFormatError",
+    "VerifyReport",
     "find_images",
     "read_caption_file",
 ]

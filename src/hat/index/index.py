@@ -14,6 +14,7 @@ width, ``g`` global width, ``K`` levels.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
@@ -40,11 +41,19 @@ from hat.index.reader import (
     find_images,
     read_caption_file,
 )
-from hat.index.store import IndexFormatError, IndexStore, Kind, Manifest, SegmentArrays
+from hat.index.store import (
+    DamagedFile,
+    IndexFormatError,
+    IndexStore,
+    Kind,
+    Manifest,
+    Problem,
+    SegmentArrays,
+)
 from hat.model import HAT, ImageFeatures, TextFeatures, similarity
 from hat.search import global_index
 
-__all__ = ["AddReport", "Hit", "Index", "IndexFormatError"]
+__all__ = ["AddReport", "Hit", "Index", "IndexFormatError", "VerifyReport"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +105,48 @@ class AddReport:
             f"{self.captions} caption(s) added, {len(self.skipped)} skipped"
         )
         return text + "".join(f"\n  skipped {p}: {why}" for p, why in self.skipped)
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found and, with ``repair``, what it did.
+
+    Attributes:
+        root: the index folder.
+        problems: everything found wrong (:class:`~hat.index.store.Problem`).
+        repaired: whether a repair ran.
+        dropped: image files whose damaged rows a repair dropped: ``hat index add``
+            them again to re-encode them.
+    """
+
+    root: Path
+    problems: list[Problem] = field(default_factory=list)
+    repaired: bool = False
+    dropped: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Nothing wrong that is still there: no problem found, or every one repaired
+        (a damaged database cannot be)."""
+        if self.repaired:
+            return not any(p.part == "database" for p in self.problems)
+        return not self.problems
+
+    def summary(self) -> str:
+        if not self.problems:
+            return "ok: every file matches its checksum"
+        lines = [f"{len(self.problems)} problem(s):"]
+        lines += [f"  {p}" for p in self.problems]
+        if self.repaired:
+            lines.append(
+                f"repaired: dropped {len(self.dropped)} image row(s) of damaged segments "
+                "(add their files again to re-encode them), removed leftovers, rewrote the "
+                "faiss files" + ("" if self.ok else "; the database cannot be repaired: "
+                                 "rebuild the index with `hat index build`")
+            )  # fmt: skip
+        else:
+            lines.append(f"repair with `hat index verify {self.root} --repair`")
+        return "\n".join(lines)
 
 
 @dataclass
@@ -182,11 +233,14 @@ class Index:
         cfg: IndexConfig = IndexConfig(),
         device: str | torch.device = "cpu",
         writable: bool = False,
+        strict: bool = True,
     ) -> Index:
         """Open an index; ``model`` (a path or a loaded :class:`HAT`) defaults to the
         model the index was built with, which is then loaded at its first use. A given
-        model is checked now: one of another fingerprint is refused."""
-        store = IndexStore.open(root, readonly=not writable)
+        model is checked now: one of another fingerprint is refused. ``strict=False``
+        opens an index whose manifest is damaged from the copy its database keeps (for
+        :meth:`verify`)."""
+        store = IndexStore.open(root, readonly=not writable, strict=strict)
         loaded = None
         if model is not None:
             try:
@@ -212,7 +266,8 @@ class Index:
         return self.store.count("image")
 
     def info(self) -> dict[str, Any]:
-        """Counts, model, level shapes and storage size."""
+        """Counts, model, level shapes, storage size and what the cheap integrity check
+        finds wrong (``problems``; ``hat index verify`` checks every byte)."""
         manifest = self.store.manifest
         size = sum(p.stat().st_size for p in self.store.root.rglob("*") if p.is_file())
         return {
@@ -225,7 +280,26 @@ class Index:
             "embed_dim": manifest.embed_dim,
             "bytes_on_disk": size,
             "generation": self.store.generation(),
+            "problems": [str(p) for p in self.store.check()],
         }
+
+    def verify(self, repair: bool = False) -> VerifyReport:
+        """Check every file of the index against its recorded checksum, the database's
+        integrity and the manifest (:meth:`IndexStore.check` ``full``); with ``repair``,
+        drop damaged segments and their rows, restore the manifest, remove leftovers of
+        interrupted writes and rewrite both faiss files. Needs the index opened
+        writable for ``repair``."""
+        report = VerifyReport(self.store.root, self.store.check(full=True))
+        if not repair or not report.problems:
+            return report
+        with self._lock, self.store.repairing():
+            report.dropped = self.store.repair(report.problems)
+            if not any(p.part == "database" for p in report.problems):
+                for kind in ("image", "caption"):
+                    self._rebuild_faiss(kind)
+            self._snapshots, self._generation = {}, -1
+        report.repaired = True
+        return report
 
     # -- writing -----------------------------------------------------------------
     @torch.no_grad()
@@ -367,23 +441,59 @@ class Index:
 
     def remove(self, paths: Sequence[str | Path]) -> int:
         """Remove images by path (files or folders: everything indexed under them) and
-        the captions written for them; returns the number of images removed."""
-        targets = [str(Path(p).resolve()) for p in paths]
+        the captions written for any image under them (indexed or not); returns the
+        number of images removed.
+
+        A path is matched as images are indexed: made absolute without resolving
+        symbolic links (so removing a folder removes the images found through links
+        in it, and removing a link leaves its target). A path under which nothing is
+        indexed is matched resolved instead (indexes written before)."""
         with self.store.writer():
-            indexed = self.store.images_by_path()
-            doomed = [
-                p for p in indexed
-                if any(p == t or p.startswith(t.rstrip("/") + "/") for t in targets)
-            ]  # fmt: skip
+            indexed = list(self.store.images_by_path())
+            captioned = [key for key in self.store.caption_keys() if key[1] is not None]
+            known = indexed + [image for _, image in captioned]
+
+            def under(path: str, target: str) -> bool:
+                return path == target or path.startswith(target.rstrip("/") + "/")
+
+            targets = []
+            for p in paths:
+                target = os.path.abspath(p)
+                if not any(under(k, target) for k in known):
+                    target = str(Path(p).resolve())
+                targets.append(target)
+            doomed = [p for p in indexed if any(under(p, t) for t in targets)]
             removed = self.store.remove_images(doomed)
+            orphans = [k for k in captioned if any(under(k[1], t) for t in targets)]
+            if orphans:
+                self.store.remove_captions(orphans)
             self._rebuild_faiss("image")
             self._rebuild_faiss("caption")
         return removed
 
+    def remove_captions(
+        self,
+        captions: str | Path | Iterable[CaptionEntry] | None = None,
+        all_captions: bool = False,
+    ) -> int:
+        """Remove captions: those of a caption file (read as :meth:`add_captions` reads
+        it: same text and image) or given entries, or with ``all_captions`` every one.
+        Captions not in the index are ignored; returns the number removed."""
+        if (captions is None) != all_captions:
+            raise ValueError("give captions to remove or all_captions=True (one of them)")
+        keys = None
+        if isinstance(captions, str | Path):
+            captions = read_caption_file(captions)
+        if captions is not None:
+            keys = sorted({(e.text, e.image_path) for e in captions}, key=repr)
+        with self.store.writer():
+            removed = self.store.remove_captions(keys)
+            self._rebuild_faiss("caption")
+        return removed
+
     def _rebuild_faiss(self, kind: Kind) -> None:
-        generation = self.store.generation()
         ids, segments, rows = self.store.locations(kind)
-        self.store.write_faiss(kind, self._global_index(kind, ids, segments, rows), generation)
+        self.store.write_faiss(kind, self._global_index(kind, ids, segments, rows))
 
     def _global_index(self, kind: Kind, ids: np.ndarray, segments: np.ndarray, rows: np.ndarray):
         """A faiss index of the global embeddings of the items at (segment, row)."""
@@ -400,7 +510,11 @@ class Index:
                 self._generation = generation
             if kind not in self._snapshots:
                 ids, segments, rows = self.store.locations(kind)
-                index = self.store.read_faiss(kind, generation)
+                try:
+                    index = self.store.read_faiss(kind)
+                except DamagedFile as err:  # derived from the segments: rebuilt below
+                    log.warning("%s; using the global embeddings of the segments instead", err)
+                    index = None
                 if index is None and len(ids):
                     log.info("the %s faiss index is stale; rebuilding it in memory", kind)
                     index = self._global_index(kind, ids, segments, rows)
@@ -422,11 +536,12 @@ class Index:
         for seg in np.unique(segments):
             take = rows[order][segments[order] == seg]
             arrays = self.store.segment(kind, int(seg))
-            glob.append(np.asarray(arrays.global_embedding[take]))
+            folder = self.store.segment_dir(kind, int(seg))
+            glob.append(_finite(arrays.global_embedding[take], folder / "global.npy", self.store))
             if global_only:
                 continue
             for k, level in enumerate(arrays.levels):
-                levels[k].append(np.asarray(level[take]))
+                levels[k].append(_finite(level[take], folder / f"level{k + 1}.npy", self.store))
             if arrays.lengths is not None:
                 lengths.append(arrays.lengths[take])
         inverse = np.empty_like(order)
@@ -525,6 +640,12 @@ class Index:
             level_scores.append(score(feats).float())
         levels = torch.cat(level_scores, dim=1)  # (K, n)
         total = levels.sum(dim=0)  # (n,)
+        if not torch.isfinite(total).all():
+            # The stored features are checked finite when gathered: the query is not.
+            raise ValueError(
+                f"the model scored this query {float(total[~torch.isfinite(total)][0])}: its "
+                "features are not finite (a damaged model?); no results"
+            )
         top = torch.topk(total, k=min(k, total.numel()))
         chosen = [int(snap.ids[positions[i]]) for i in top.indices.tolist()]
         rows = (self.store.image_rows if kind == "image" else self.store.caption_rows)(chosen)
@@ -588,6 +709,14 @@ def _verified(model: HAT, store: IndexStore, where: str) -> HAT:
             f"model it was built with or rebuild it with `hat index build`"
         )
     return model
+
+
+def _finite(rows: np.ndarray, path: Path, store: IndexStore) -> np.ndarray:
+    """``rows`` of a segment array, read into memory, if every value is finite."""
+    values = np.asarray(rows)
+    if not np.isfinite(values).all():
+        raise DamagedFile(path, "holds values that are not finite (damaged)", store.root)
+    return values
 
 
 def _pooled_image_similarity(query: ImageFeatures, images: ImageFeatures) -> torch.Tensor:

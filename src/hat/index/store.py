@@ -9,18 +9,32 @@ Layout of an index folder::
     image.faiss, caption.faiss   global embeddings, ids = SQLite row ids
 
 Writes are crash-safe: a segment is written to a temporary folder, fsynced and
-renamed, then ONE SQLite transaction registers it with its rows and bumps the
-generation; faiss files are written atomically afterwards and carry the generation
-they were built at. A kill at any moment leaves the previous content searchable
-(an unregistered segment folder is an orphan the next writer removes; a stale faiss
-file is rebuilt in memory by readers). Committed segments never change, so readers
-memory-map them while a writer adds new ones. Removing an item deletes its row only:
-its tokens stay in their segment (unreferenced) until the index is rebuilt.
+renamed, then ONE SQLite transaction registers it with its rows and the size and
+SHA-256 of each of its files, and bumps the generation; faiss files are written
+atomically afterwards and carry the generation of their kind they were built at and
+their own checksum. A kill at any moment leaves the previous content searchable (an
+unregistered segment folder or a temporary file is an orphan the next writer
+removes; a stale faiss file is rebuilt in memory by readers). Committed segments
+never change, so readers memory-map them while a writer adds new ones. Removing an
+item deletes its row only: its tokens stay in their segment (unreferenced) until the
+index is rebuilt.
+
+Integrity, in the manner of Lucene's per-file checksums and ``git fsck``: every
+committed file (segment arrays, faiss files, the manifest, whose text is also kept
+in the database) has its size and SHA-256 recorded when it is committed. Opening a
+segment checks its files' sizes and ``.npy`` headers against the record and the
+manifest; a faiss file is hashed in full when read (it is small); the manifest is
+compared with its recorded copy at every open; every writer checks all of this
+before it writes anything. :meth:`IndexStore.check` with ``full=True`` (``hat index
+verify``) also hashes every segment file and runs SQLite's integrity check, and
+:meth:`IndexStore.repair` drops what is damaged. A damaged file is one
+:class:`IndexFormatError` naming it and the repairing command, never a traceback.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -31,7 +45,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -44,7 +58,10 @@ __all__ = [
     "IndexStore",
     "Kind",
     "Manifest",
+    "DamagedFile",
+    "Problem",
     "SegmentArrays",
+    "sha256_file",
 ]
 
 FORMAT_VERSION = 1
@@ -57,6 +74,8 @@ KINDS = ("image", "caption")
 Kind = Literal["image", "caption"]
 STORAGE_DTYPE = np.float16
 SQLITE_MAX_INT = 2**63 - 1
+HASH_CHUNK = 2**20
+TABLES = ("meta", "segments", "images", "captions")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -75,11 +94,127 @@ CREATE TABLE IF NOT EXISTS captions (
     segment INTEGER NOT NULL, row INTEGER NOT NULL,
     UNIQUE (text, image_path)
 );
+CREATE TABLE IF NOT EXISTS files (
+    name TEXT PRIMARY KEY, bytes INTEGER NOT NULL, sha256 TEXT NOT NULL
+);
 """
 
 
 class IndexFormatError(RuntimeError):
     """An index folder is missing, damaged, of another format version or another model."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with an index, found by :meth:`IndexStore.check`.
+
+    Attributes:
+        path: the damaged file or folder.
+        what: what is wrong with it.
+        part: ``segment`` (its rows are dropped by a repair: re-add their files),
+            ``manifest`` (restored from the database's copy), ``faiss`` (derived: any
+            writer rewrites it), ``orphan`` (a leftover of an interrupted write: removed),
+            ``unchecked`` (a file written before checksums: its checksum is recorded) or
+            ``database`` (cannot be repaired: rebuild the index).
+        segment: the damaged segment's id (``part == "segment"``).
+    """
+
+    path: Path
+    what: str
+    part: Literal["segment", "manifest", "faiss", "orphan", "unchecked", "database"]
+    segment: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.what}"
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _repair_hint(root: Path) -> str:
+    return f"run `hat index verify {root} --repair`, or rebuild with `hat index build`"
+
+
+class DamagedFile(IndexFormatError):
+    """A committed file of an index is missing or damaged: ``path`` and ``what``; the
+    message names both and the repairing command."""
+
+    def __init__(self, path: Path, what: str, root: Path) -> None:
+        self.path, self.what = path, what
+        super().__init__(f"{path}: {what}; {_repair_hint(root)}")
+
+
+class _Database:
+    """The index's SQLite connection: a database error (a damaged, emptied or foreign
+    file) is an :class:`IndexFormatError` naming the file."""
+
+    def __init__(self, path: Path, readonly: bool) -> None:
+        self.path = path
+        try:
+            if readonly:
+                self.conn = sqlite3.connect(
+                    f"file:{path}?mode=ro", uri=True, check_same_thread=False
+                )
+            else:
+                self.conn = sqlite3.connect(path, check_same_thread=False)
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute("PRAGMA busy_timeout=10000")
+        except sqlite3.DatabaseError as err:
+            raise self.error(err) from err
+
+    def error(self, err: Exception) -> IndexFormatError:
+        return IndexFormatError(
+            f"{self.path}: {err} (the index database is damaged or not a hat index database; "
+            f"an index without its database cannot be repaired: rebuild it with "
+            f"`hat index build`)"
+        )
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        """Run one statement; returns all its rows."""
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        except sqlite3.DatabaseError as err:
+            raise self.error(err) from err
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        """Run one statement per row; returns the number of rows changed."""
+        try:
+            return self.conn.executemany(sql, rows).rowcount
+        except sqlite3.DatabaseError as err:
+            raise self.error(err) from err
+
+    def changes(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one statement; returns the number of rows it changed."""
+        try:
+            return self.conn.execute(sql, params).rowcount
+        except sqlite3.DatabaseError as err:
+            raise self.error(err) from err
+
+    def executescript(self, script: str) -> None:
+        try:
+            self.conn.executescript(script)
+        except sqlite3.DatabaseError as err:
+            raise self.error(err) from err
+
+    def __enter__(self) -> _Database:
+        self.conn.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.conn.__exit__(*exc)
+        except sqlite3.DatabaseError as err:
+            raise self.error(err) from err
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 @dataclass(frozen=True)
@@ -123,6 +258,11 @@ class Manifest:
             ) from err
         except (OSError, json.JSONDecodeError) as err:
             raise IndexFormatError(f"{path}: cannot read the manifest: {err}") from err
+        return cls.from_dict(data, path)
+
+    @classmethod
+    def from_dict(cls, data: Any, path: Path) -> Manifest:
+        """The manifest of :meth:`to_dict`'s form; errors name ``path``."""
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise IndexFormatError(f"{path}: not a {FORMAT_NAME} manifest")
         version = data.get("format_version")
@@ -181,6 +321,22 @@ def _save_array(path: Path, array: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
+def _recorded_manifest(path: Path) -> str | None:
+    """The manifest text recorded in the database at creation (``None`` for an index
+    written before it was); raises :class:`IndexFormatError` for a database that is not
+    a hat index's."""
+    db = _Database(path, readonly=True)
+    try:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+        missing = [t for t in TABLES if t not in tables]
+        if missing:
+            raise db.error(RuntimeError(f"table(s) {', '.join(missing)} missing"))
+        rows = db.execute("SELECT value FROM meta WHERE key = 'manifest'")
+    finally:
+        db.close()
+    return rows[0][0] if rows else None
+
+
 class IndexStore:
     """Low-level access to one index folder: metadata, segments, faiss files.
 
@@ -193,7 +349,8 @@ class IndexStore:
         self.manifest = manifest
         self.readonly = readonly
         self._segments: dict[int, SegmentArrays] = {}
-        self.db = self._connect()
+        self.db = _Database(root / DATABASE, readonly)
+        self.opening_problems: list[Problem] = []
 
     # -- opening -----------------------------------------------------------------
     @classmethod
@@ -207,34 +364,53 @@ class IndexStore:
             )
         (root / SEGMENTS).mkdir(parents=True, exist_ok=True)
         store = cls(root, manifest, readonly=False)
+        text = json.dumps(manifest.to_dict(), indent=2) + "\n"
         with store.db:
             store.db.executescript(_SCHEMA)
             store.db.execute("INSERT INTO meta VALUES ('generation', '0')")
-        text = json.dumps(manifest.to_dict(), indent=2) + "\n"
+            store.db.execute("INSERT INTO meta VALUES ('manifest', ?)", (text,))
         atomic_write(root / MANIFEST, lambda p: p.write_text(text))
         return store
 
     @classmethod
-    def open(cls, root: str | Path, readonly: bool = True) -> IndexStore:
-        """Open an existing index folder."""
+    def open(cls, root: str | Path, readonly: bool = True, strict: bool = True) -> IndexStore:
+        """Open an existing index folder.
+
+        A manifest that is missing, unreadable or not the one recorded at creation is an
+        :class:`IndexFormatError`; with ``strict=False`` (for ``verify``) the recorded
+        copy is used instead and the problem is kept in :attr:`opening_problems`.
+        """
         root = Path(root)
         if not root.is_dir():
             raise IndexFormatError(f"index folder {root} not found")
-        manifest = Manifest.read(root / MANIFEST)
+        if not (root / MANIFEST).exists() and not (root / DATABASE).exists():
+            raise IndexFormatError(f"{root} is not a hat index: {MANIFEST} is missing")
         if not (root / DATABASE).is_file():
             raise IndexFormatError(f"{root} is not a hat index: {DATABASE} is missing")
-        return cls(root, manifest, readonly)
-
-    def _connect(self) -> sqlite3.Connection:
-        path = self.root / DATABASE
-        if self.readonly:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-        else:
-            db = sqlite3.connect(path, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA busy_timeout=10000")
-        return db
+        copy = _recorded_manifest(root / DATABASE)
+        problems = []
+        try:
+            manifest = Manifest.read(root / MANIFEST)
+            if copy is not None and (root / MANIFEST).read_text() != copy:
+                raise IndexFormatError(
+                    f"{root / MANIFEST}: differs from the manifest recorded when the index "
+                    "was created"
+                )
+        except IndexFormatError as err:
+            if copy is None:
+                raise
+            if strict:
+                raise IndexFormatError(f"{err}; {_repair_hint(root)}") from err
+            problems.append(Problem(root / MANIFEST, str(err), "manifest"))
+            manifest = Manifest.from_dict(json.loads(copy), root / DATABASE)
+        if not (root / SEGMENTS).is_dir():
+            raise IndexFormatError(
+                f"{root / SEGMENTS}: not a folder; the index's features are gone: rebuild "
+                f"it with `hat index build`"
+            )
+        store = cls(root, manifest, readonly)
+        store.opening_problems = problems
+        return store
 
     def close(self) -> None:
         self.db.close()
@@ -243,9 +419,32 @@ class IndexStore:
     @contextmanager
     def writer(self) -> Iterator[IndexStore]:
         """Exclusive write access; removes orphan segment folders left by a crash."""
+        with self._locked():
+            self._remove_orphans()
+            problems = [p for p in self.check() if p.part in ("segment", "database")]
+            if problems:
+                listed = "; ".join(map(str, problems[:3]))
+                more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+                raise IndexFormatError(
+                    f"{self.root}: the index is damaged, nothing was written: {listed}{more}; "
+                    f"{_repair_hint(self.root)}"
+                )
+            yield self
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The exclusive writer lock (``writer.lock``), with the files table in place."""
         if self.readonly:
             raise IndexFormatError(f"{self.root}: opened read-only")
-        with open(self.root / WRITER_LOCK, "a") as lock:
+        path = self.root / WRITER_LOCK
+        try:
+            lock = open(path, "a")
+        except OSError as err:
+            raise IndexFormatError(
+                f"{path}: cannot open the writer lock ({err.strerror}); remove it if it is not "
+                "a file (no writer can be running without it)"
+            ) from err
+        with lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as err:
@@ -253,27 +452,43 @@ class IndexStore:
                     f"{self.root}: another process is writing to this index"
                 ) from err
             try:
-                self._remove_orphans()
-                yield self
+                with self.db:  # indexes written before checksums lack the table
+                    self.db.executescript(_SCHEMA)
+                yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    def _orphans(self) -> list[Path]:
+        """Unregistered segment folders and temporary files left by an interrupted write."""
+        known = {self.segment_dir(k, i).name for i, k in self.db.execute(
+            "SELECT id, kind FROM segments")}  # fmt: skip
+        found = [e for e in (self.root / SEGMENTS).iterdir() if e.name not in known]
+        return found + sorted(self.root.glob(".*.tmp"))
+
     def _remove_orphans(self) -> None:
-        known = {
-            self.segment_dir(k, i).name for i, k in self.db.execute("SELECT id, kind FROM segments")
-        }
-        for entry in (self.root / SEGMENTS).iterdir():
-            if entry.name not in known:
+        for entry in self._orphans():
+            if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
     # -- metadata ----------------------------------------------------------------
-    def generation(self) -> int:
-        """Incremented by every committed change."""
-        (value,) = self.db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
+    def _meta(self, key: str) -> str | None:
+        rows = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def generation(self, kind: Kind | None = None) -> int:
+        """Incremented by every committed change; of ``kind``: by every change to the
+        items of that kind (what its faiss file depends on)."""
+        value = self._meta("generation" if kind is None else f"{kind}_generation")
+        if value is None and kind is not None:  # an index written before kind generations
+            value = self._meta("generation")
+        if value is None:
+            raise self.db.error(RuntimeError("no generation in table meta"))
         return int(value)
 
     def count(self, kind: Kind) -> int:
-        return self.db.execute(f"SELECT COUNT(*) FROM {kind}s").fetchone()[0]
+        return self.db.execute(f"SELECT COUNT(*) FROM {kind}s")[0][0]
 
     def images_by_path(self) -> dict[str, tuple[int, str, int, int]]:
         """``path -> (id, sha256, bytes, mtime_ns)`` of every indexed image."""
@@ -285,7 +500,7 @@ class IndexStore:
 
     def locations(self, kind: Kind) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Live items of a kind: ids, segments and rows, as ``(n,)`` int64 arrays."""
-        rows = self.db.execute(f"SELECT id, segment, row FROM {kind}s ORDER BY id").fetchall()
+        rows = self.db.execute(f"SELECT id, segment, row FROM {kind}s ORDER BY id")
         arr = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
         return arr[:, 0], arr[:, 1], arr[:, 2]
 
@@ -293,24 +508,79 @@ class IndexStore:
     def segment_dir(self, kind: str, segment: int) -> Path:
         return self.root / SEGMENTS / f"{kind}-{segment:06d}"
 
-    def segment(self, kind: Kind, segment: int) -> SegmentArrays:
-        """The memory-mapped arrays of a committed segment (cached)."""
-        if segment not in self._segments:
-            folder = self.segment_dir(kind, segment)
+    def _recorded(self, prefix: str) -> dict[str, tuple[int, str]]:
+        """``name -> (bytes, sha256)`` recorded for the files whose name starts with
+        ``prefix`` (none for files written before checksums)."""
+        rows = self.db.execute(
+            "SELECT name, bytes, sha256 FROM files WHERE substr(name, 1, ?) = ?",
+            (len(prefix), prefix),
+        ) if self._has_files_table() else []  # fmt: skip
+        return {name: (size, sha) for name, size, sha in rows}
+
+    def _has_files_table(self) -> bool:
+        return bool(self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'files'"))
+
+    def _segment_files(self, kind: str) -> list[str]:
+        names = [f"level{k + 1}.npy" for k in range(len(self.manifest.tokens))] + ["global.npy"]
+        return names + (["lengths.npy"] if kind == "caption" else [])
+
+    def _load_segment(self, kind: str, segment: int, count: int) -> SegmentArrays:
+        """Memory-map a segment's arrays, checking each file's size against the record and
+        its header and shape against the manifest; raises :class:`IndexFormatError`."""
+        folder = self.segment_dir(kind, segment)
+        recorded = self._recorded(f"{SEGMENTS}/{folder.name}/")
+        arrays = {}
+        for name in self._segment_files(kind):
+            path = folder / name
+            record = recorded.get(f"{SEGMENTS}/{folder.name}/{name}")
             try:
-                levels = [
-                    np.load(folder / f"level{k + 1}.npy", mmap_mode="r")
-                    for k in range(len(self.manifest.tokens))
-                ]
-                glob = np.load(folder / "global.npy", mmap_mode="r")
-                lengths = np.load(folder / "lengths.npy") if kind == "caption" else None
+                size = path.stat().st_size
+                if record is not None and size != record[0]:
+                    raise ValueError(f"{size} bytes, {record[0]} were committed")
+                arrays[name] = np.load(path, mmap_mode="r") if size else None
+                if arrays[name] is None:
+                    raise ValueError("empty file")
             except (OSError, ValueError) as err:
-                raise IndexFormatError(f"{folder}: damaged segment: {err}") from err
-            self._segments[segment] = SegmentArrays(levels, glob, lengths)
+                why = "missing" if isinstance(err, FileNotFoundError) else str(err)
+                raise DamagedFile(path, f"damaged segment file ({why})", self.root) from err
+        m = self.manifest
+        levels = [arrays[f"level{k + 1}.npy"] for k in range(len(m.tokens))]
+        width = levels[0].shape[1] if levels[0].ndim == 3 else -1
+        expected = {
+            f"level{k + 1}.npy": (count, m.tokens[k] if kind == "image" else width, m.embed_dim)
+            for k in range(len(m.tokens))
+        }
+        expected["global.npy"] = (count, m.global_dim)
+        expected["lengths.npy"] = (count,)
+        for name, array in arrays.items():
+            if array.shape != expected[name]:
+                raise DamagedFile(
+                    folder / name,
+                    f"damaged segment file (shape {array.shape}, expected {expected[name]} "
+                    f"from the manifest and the segment's {count} rows)",
+                    self.root,
+                )
+        lengths = np.asarray(arrays["lengths.npy"]) if kind == "caption" else None
+        return SegmentArrays(levels, arrays["global.npy"], lengths)
+
+    def segment(self, kind: Kind, segment: int) -> SegmentArrays:
+        """The memory-mapped arrays of a committed segment (cached), checked as
+        :meth:`_load_segment` says."""
+        if segment not in self._segments:
+            rows = self.db.execute("SELECT count FROM segments WHERE id = ?", (segment,))
+            if not rows:
+                raise DamagedFile(
+                    self.segment_dir(kind, segment),
+                    f"rows point at segment {segment}, which is not registered",
+                    self.root,
+                )
+            self._segments[segment] = self._load_segment(kind, segment, rows[0][0])
         return self._segments[segment]
 
-    def _write_segment(self, kind: Kind, arrays: SegmentArrays) -> int:
-        (last,) = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM segments").fetchone()
+    def _write_segment(self, kind: Kind, arrays: SegmentArrays) -> tuple[int, list[tuple]]:
+        """Write a segment's files; returns its id and the ``(name, bytes, sha256)``
+        records of its files, for the commit."""
+        (last,) = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM segments")[0]
         segment = last + 1
         tmp = self.root / SEGMENTS / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir()
@@ -321,10 +591,21 @@ class IndexStore:
             _save_array(tmp / "lengths.npy", arrays.lengths.astype(np.int64, copy=False))
         _fsync_dir(tmp)
         final = self.segment_dir(kind, segment)
+        records = [
+            (f"{SEGMENTS}/{final.name}/{f.name}", f.stat().st_size, sha256_file(f))
+            for f in sorted(tmp.iterdir())
+        ]
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-        return segment
+        return segment, records
+
+    def _register(self, segment: int, kind: Kind, count: int, records: list[tuple]) -> float:
+        """Inside a commit's transaction: the segment's row and its files' checksums."""
+        now = time.time()
+        self.db.execute("INSERT INTO segments VALUES (?, ?, ?, ?)", (segment, kind, count, now))
+        self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?)", records)
+        return now
 
     def commit_images(
         self, rows: Sequence[dict], arrays: SegmentArrays, replaces: Sequence[int] = ()
@@ -334,12 +615,9 @@ class IndexStore:
         ``rows``: dicts with ``path, sha256, bytes, mtime_ns, width, height``, in the
         segment's row order; ``replaces``: ids of older rows of the same paths.
         """
-        segment = self._write_segment("image", arrays)
-        now = time.time()
+        segment, records = self._write_segment("image", arrays)
         with self.db:
-            self.db.execute(
-                "INSERT INTO segments VALUES (?, 'image', ?, ?)", (segment, len(rows), now)
-            )
+            now = self._register(segment, "image", len(rows), records)
             self.db.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in replaces])
             self.db.executemany(
                 "INSERT INTO images (path, sha256, bytes, mtime_ns, width, height, added, "
@@ -350,33 +628,46 @@ class IndexStore:
                     for row, r in enumerate(rows)
                 ],
             )  # fmt: skip
-            self._bump()
+            self._bump("image")
 
     def commit_captions(
         self, keys: Sequence[tuple[str, str | None]], arrays: SegmentArrays
     ) -> None:
         """Write a segment of captions ``(text, image_path)`` and register it."""
-        segment = self._write_segment("caption", arrays)
-        now = time.time()
+        segment, records = self._write_segment("caption", arrays)
         with self.db:
-            self.db.execute(
-                "INSERT INTO segments VALUES (?, 'caption', ?, ?)", (segment, len(keys), now)
-            )
+            now = self._register(segment, "caption", len(keys), records)
             self.db.executemany(
                 "INSERT INTO captions (text, image_path, added, segment, row) "
                 "VALUES (?, ?, ?, ?, ?)",
                 [(text, image, now, segment, row) for row, (text, image) in enumerate(keys)],
             )
-            self._bump()
+            self._bump("caption")
 
     def remove_images(self, paths: Sequence[str]) -> int:
         """Forget images (and the captions written for them); returns how many."""
         with self.db:
             removed = 0
             for path in paths:
-                removed += self.db.execute("DELETE FROM images WHERE path = ?", (path,)).rowcount
+                removed += self.db.changes("DELETE FROM images WHERE path = ?", (path,))
                 self.db.execute("DELETE FROM captions WHERE image_path = ?", (path,))
-            self._bump()
+            self._bump("image", "caption")
+        return removed
+
+    def remove_captions(self, keys: Sequence[tuple[str, str | None]] | None) -> int:
+        """Forget captions by ``(text, image_path)`` (``None``: every caption); returns
+        how many."""
+        with self.db:
+            if keys is None:
+                removed = self.db.changes("DELETE FROM captions")
+            else:
+                removed = sum(
+                    self.db.changes(
+                        "DELETE FROM captions WHERE text = ? AND image_path IS ?", (text, image)
+                    )
+                    for text, image in keys
+                )
+            self._bump("caption")
         return removed
 
     def touch_images(self, updates: Sequence[tuple[int, int]]) -> None:
@@ -384,8 +675,13 @@ class IndexStore:
         with self.db:
             self.db.executemany("UPDATE images SET mtime_ns = ? WHERE id = ?", updates)
 
-    def _bump(self) -> None:
-        self.db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'")
+    def _bump(self, *kinds: Kind) -> None:
+        """Inside a transaction: a new generation, and one for each kind changed."""
+        for key in ("generation", *(f"{kind}_generation" for kind in kinds)):
+            value = self._meta(key)
+            if value is None:  # an index written before kind generations: start at the total
+                value = self._meta("generation")
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(int(value) + 1)))
 
     # -- rows --------------------------------------------------------------------
     def image_rows(self, ids: Sequence[int]) -> dict[int, dict]:
@@ -413,19 +709,140 @@ class IndexStore:
     def faiss_path(self, kind: Kind) -> Path:
         return self.root / f"{kind}.faiss"
 
-    def write_faiss(self, kind: Kind, index: faiss.Index, generation: int) -> None:
-        """Store a global-embedding index built at ``generation``, atomically."""
-        data = faiss.serialize_index(index)
-        atomic_write(self.faiss_path(kind), lambda p: p.write_bytes(data.tobytes()))
+    def write_faiss(self, kind: Kind, index: faiss.Index) -> None:
+        """Store a global-embedding index of the live items of ``kind``, atomically, with
+        the kind's current generation and its checksum (call it under :meth:`writer`)."""
+        data = faiss.serialize_index(index).tobytes()
+        generation = self.generation(kind)
+        path = self.faiss_path(kind)
+        atomic_write(path, lambda p: p.write_bytes(data))
+        digest = hashlib.sha256(data).hexdigest()
         with self.db:
             self.db.execute(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"{kind}_faiss", str(generation))
             )
+            self.db.execute(
+                "INSERT OR REPLACE INTO files VALUES (?, ?, ?)", (path.name, len(data), digest)
+            )
 
-    def read_faiss(self, kind: Kind, generation: int) -> faiss.Index | None:
-        """The stored index of ``kind`` if it was built at ``generation``, else ``None``."""
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (f"{kind}_faiss",)).fetchone()
+    def read_faiss(self, kind: Kind) -> faiss.Index | None:
+        """The stored index of ``kind`` if it is current and whole, else ``None`` (the
+        caller rebuilds it in memory: it is derived from the segments).
+
+        Raises:
+            IndexFormatError: the file does not match the checksum recorded when it was
+                written, or faiss cannot read it.
+        """
+        built = self._meta(f"{kind}_faiss")
         path = self.faiss_path(kind)
-        if row is None or int(row[0]) != generation or not path.is_file():
+        if built is None or int(built) != self.generation(kind) or not path.is_file():
             return None
-        return faiss.deserialize_index(np.frombuffer(path.read_bytes(), dtype=np.uint8))
+        data = path.read_bytes()
+        record = self._recorded(path.name).get(path.name)
+        if record is not None and (len(data), hashlib.sha256(data).hexdigest()) != record:
+            what = "does not match the checksum recorded when it was written (damaged, or "
+            raise DamagedFile(path, what + "another index's file)", self.root)
+        try:
+            return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        except RuntimeError as err:
+            last = str(err).strip().splitlines()[-1] if str(err).strip() else "unreadable"
+            raise DamagedFile(path, f"faiss cannot read it ({last})", self.root) from err
+
+    # -- integrity ---------------------------------------------------------------
+    def check(self, full: bool = False) -> list[Problem]:
+        """What is wrong with the index, cheaply: every segment's files against their
+        recorded sizes, headers and the manifest's shapes, the global embeddings (what a
+        writer rebuilds faiss from) hashed, rows of unregistered segments, the faiss files
+        hashed. ``full`` also hashes every segment file, runs SQLite's integrity check,
+        and lists leftovers of interrupted writes and files without a checksum."""
+        problems = list(self.opening_problems)
+        if full:
+            report = [r[0] for r in self.db.execute("PRAGMA integrity_check")]
+            if report != ["ok"]:
+                problems.append(Problem(self.root / DATABASE, "; ".join(report[:5]), "database"))
+        recorded = self._recorded("")
+        segments = self.db.execute("SELECT id, kind, count FROM segments ORDER BY id")
+        for segment, kind, count in segments:
+            folder = self.segment_dir(kind, segment)
+            try:
+                self._load_segment(kind, segment, count)
+                hashed = self._segment_files(kind) if full else ["global.npy"]
+                for name in hashed:
+                    record = recorded.get(f"{SEGMENTS}/{folder.name}/{name}")
+                    if record is None and full:
+                        what = "no checksum recorded (written by an older hat)"
+                        problems.append(Problem(folder / name, what, "unchecked"))
+                    elif record is not None and sha256_file(folder / name) != record[1]:
+                        what = "does not match the checksum recorded at commit"
+                        raise DamagedFile(folder / name, what, self.root)
+            except DamagedFile as err:
+                problems.append(Problem(folder, f"{err.path.name}: {err.what}", "segment", segment))
+        for kind in KINDS:
+            dangling = self.db.execute(
+                f"SELECT DISTINCT segment FROM {kind}s WHERE segment NOT IN "
+                "(SELECT id FROM segments)"
+            )
+            for (segment,) in dangling:
+                problems.append(Problem(self.segment_dir(kind, segment),
+                                        "rows point at a segment that is not registered",
+                                        "segment", segment))  # fmt: skip
+            try:
+                self.read_faiss(kind)
+            except DamagedFile as err:
+                problems.append(Problem(err.path, err.what, "faiss"))
+            if full and self.faiss_path(kind).is_file() and self.count(kind):
+                built = self._meta(f"{kind}_faiss")
+                if built is None or int(built) != self.generation(kind):
+                    problems.append(Problem(self.faiss_path(kind), "stale (older than the "
+                                            "items it indexes)", "faiss"))  # fmt: skip
+        if full:
+            problems += [Problem(p, "left by an interrupted write", "orphan")
+                         for p in self._orphans()]  # fmt: skip
+        return problems
+
+    @contextmanager
+    def repairing(self) -> Iterator[IndexStore]:
+        """The writer lock WITHOUT the integrity check that :meth:`writer` makes: for
+        :meth:`repair`."""
+        with self._locked():
+            yield self
+
+    def repair(self, problems: Sequence[Problem]) -> list[str]:
+        """Under :meth:`repairing`: drop damaged segments with their rows, restore the
+        manifest from its recorded copy, remove leftovers, record checksums of files
+        written before checksums. Faiss files are left to the caller to rebuild.
+        Returns the image paths whose rows were dropped (add them again to re-encode)."""
+        dropped: list[str] = []
+        for problem in problems:
+            if problem.part == "manifest":
+                text = _recorded_manifest(self.root / DATABASE)
+                if text is not None:
+                    atomic_write(self.root / MANIFEST, lambda p, t=text: p.write_text(t))
+            elif problem.part == "orphan":
+                if problem.path.is_dir() and not problem.path.is_symlink():
+                    shutil.rmtree(problem.path, ignore_errors=True)
+                else:
+                    problem.path.unlink(missing_ok=True)
+            elif problem.part == "unchecked":
+                name = str(problem.path.relative_to(self.root))
+                with self.db:
+                    self.db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?)", (
+                        name, problem.path.stat().st_size, sha256_file(problem.path)))  # fmt: skip
+        segments = sorted({p.segment for p in problems if p.part == "segment"})
+        with self.db:
+            for segment in segments:
+                paths = self.db.execute("SELECT path FROM images WHERE segment = ?", (segment,))
+                dropped += [path for (path,) in paths]
+                for kind in KINDS:
+                    self.db.execute(f"DELETE FROM {kind}s WHERE segment = ?", (segment,))
+                    prefix = f"{SEGMENTS}/{self.segment_dir(kind, segment).name}/"
+                    self.db.execute("DELETE FROM files WHERE substr(name, 1, ?) = ?",
+                                    (len(prefix), prefix))  # fmt: skip
+                self.db.execute("DELETE FROM segments WHERE id = ?", (segment,))
+            if segments:
+                self._bump("image", "caption")
+        for segment in segments:
+            self._segments.pop(segment, None)
+            for kind in KINDS:
+                shutil.rmtree(self.segment_dir(kind, segment), ignore_errors=True)
+        return dropped
