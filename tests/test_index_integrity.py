@@ -106,19 +106,36 @@ def test_garbage_in_a_level_file_is_never_scored(index_copy, capsys):
     assert code == 1 and "level1.npy" in out and "checksum" in out
 
 
-def test_finite_garbage_is_found_by_verify_and_repaired(index_copy, collection, capsys):
-    level = _segment(index_copy) / "level2.npy"
-    _overwrite(level, b"\x00" * 512, _payload_offset(level))  # zeros: finite, wrong
-    code, out = _cli(capsys, "index", "verify", str(index_copy))
-    assert code == 1 and "level2.npy" in out
-    code, out = _cli(capsys, "index", "verify", str(index_copy), "--repair")
-    assert code == 0 and "dropped" in out
-    code, out = _cli(capsys, "index", "verify", str(index_copy))
+def test_finite_garbage_is_found_by_verify_and_repaired(tmp_path, collection, capsys):
+    """Zeros in one segment's level file: finite, so only the checksums see them. The
+    repair drops that segment; the other images then score as in the undamaged index,
+    and adding the folder again re-encodes the dropped ones."""
+    from hat.config import IndexConfig
+
+    cfg = IndexConfig(commit_every=4)  # 3 segments of 4 images
+    root = tmp_path / "index"
+    Index.create(root, collection["model"], cfg).close()
+    with Index.open(root, cfg=cfg, writable=True) as index:
+        index.add_images(collection["images"], progress=False)
+        query = "a red circle"
+        before = {h.id: h.score for h in index.search_text(query, k=SCENES, exhaustive=True)}
+    segment = sorted((root / "segments").glob("image-*"))[1]
+    level = segment / "level2.npy"
+    _overwrite(level, b"\x00" * 512, _payload_offset(level))
+    code, out = _cli(capsys, "index", "verify", str(root))
+    assert code == 1 and "level2.npy" in out and segment.name in out
+    code, out = _cli(capsys, "index", "verify", str(root), "--repair")
+    assert code == 0 and "dropped 4 image row(s)" in out
+    code, out = _cli(capsys, "index", "verify", str(root))
     assert code == 0, out
-    with Index.open(index_copy, writable=True) as index:
-        assert len(index) == 0  # one segment held every image
+    with Index.open(root, cfg=cfg, writable=True) as index:
+        assert len(index) == SCENES - 4
+        after = {h.id: h.score for h in index.search_text(query, k=SCENES, exhaustive=True)}
+        assert set(after) < set(before)
+        assert after == pytest.approx({i: before[i] for i in after}, abs=1e-6)
         report = index.add_images(collection["images"], progress=False)
-        assert report.added == SCENES and len(index.search_text("a red circle", k=3)) == 3
+        assert report.added == 4 and report.unchanged == SCENES - 4
+        assert len(index.search_text(query, k=SCENES, exhaustive=True)) == SCENES
 
 
 def test_garbage_global_embeddings_stop_add_before_it_writes(index_copy, collection, capsys):

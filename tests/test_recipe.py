@@ -304,3 +304,20 @@ def test_cosine_schedule_warms_up_then_decays_to_zero_per_step() -> None:
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # decays from the warm-up on
     assert lrs[-1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 15 / 16)))
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # after the last
+
+
+def test_decoded_images_are_kept_up_to_their_budget_and_change_nothing(scenes) -> None:
+    from hat.data import DecodedImages, PairDataset, build_transform, load_records, select_split
+
+    cfg = _tiny_run(scenes)
+    train = select_split(load_records(cfg.data), "train")
+    cache = DecodedImages(max_bytes=3 * 64 * 64 * 3)  # room for 3 of the 64 px scenes
+    images = [cache.load(record.path) for record in train[:5]]
+    assert len(cache) == 3 and cache.nbytes == 3 * images[0].width * images[0].height * 3
+    assert cache.load(train[0].path) is images[0]  # kept: not decoded again
+    transform = build_transform(cfg.model.image, train=False)
+    plain = PairDataset(train[:4], transform)
+    cached = PairDataset(train[:4], transform, cache=DecodedImages(2**30))
+    for i in range(len(plain)):
+        for _ in range(2):  # the second read comes from memory
+            assert torch.equal(cached[i][0], plain[i][0])

@@ -47,6 +47,12 @@ MODEL_CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
 # Config fields that say where files lie, not what the model computes.
 _LOCATION_FIELDS = (("text", "path"), ("text", "tokenizer_path"), ("image", "pretrained_path"))
+# How a file of torch.save begins: a zip archive (the default) or a pickle (legacy).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+_MODEL_KINDS = (
+    f"give a model directory ({MODEL_CONFIG} and {MODEL_WEIGHTS}), a run folder "
+    "(checkpoints/best.pt) or a training checkpoint (.pt)"
+)
 
 
 class CheckpointError(RuntimeError):
@@ -218,7 +224,14 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointError(f"cannot read training checkpoint {path}: {err}") from err
+        if "weights only load failed" in str(err).lower():
+            why = (
+                "it holds Python objects, not only tensors and plain values, so hat did not "
+                "write it (the authors' release checkpoints are read by `hat import-checkpoint`)"
+            )
+        else:  # torch's first line says what is wrong; the rest is advice about torch.load
+            why = next((line for line in str(err).splitlines() if line.strip()), repr(err))
+        raise CheckpointError(f"cannot read training checkpoint {path}: {why}") from err
 
 
 def model_from_training_checkpoint(path: str | Path) -> tuple[HAT, Any]:
@@ -249,4 +262,23 @@ def resolve_model(path: str | Path, which: str = "best") -> HAT:
                 f"with {ckpt.relative_to(path)}"
             )
         path = ckpt
+    elif not path.exists():
+        raise CheckpointError(f"model {path} not found: {_MODEL_KINDS}")
+    elif not _is_torch_file(path):
+        inside = (
+            f"; {path.parent} is the model directory"
+            if path.name in (MODEL_CONFIG, MODEL_WEIGHTS) and (path.parent / MODEL_CONFIG).is_file()
+            else ""
+        )
+        raise CheckpointError(f"{path} is not a training checkpoint: {_MODEL_KINDS}{inside}")
     return model_from_training_checkpoint(path)[0]
+
+
+def _is_torch_file(path: Path) -> bool:
+    """Whether ``path`` begins as the files of ``torch.save`` do."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as err:
+        raise CheckpointError(f"cannot read model {path}: {err}") from err
+    return head.startswith(_TORCH_MAGIC)

@@ -30,6 +30,57 @@ __all__ = ["main"]
 TIMING_REPEATS = 5
 
 
+def _output_folder(path: str | Path, flag: str) -> Path:
+    """``path`` as a folder to write in (made with its parents where missing); refused
+    (ValueError, one line) when it, or the nearest of its parents that exists, is not
+    a folder."""
+    path = Path(path)
+    for there in (path, *path.parents):
+        if there.is_dir():
+            return path
+        if there.exists() or there.is_symlink():
+            where = "is" if there == path else f"is inside {there}, which is"
+            kind = "a file, not a folder" if there.is_file() else "not a folder"
+            raise ValueError(f"{flag} {path} {where} {kind}")
+    return path
+
+
+def _output_file(path: str | Path, flag: str) -> Path:
+    """``path`` as a file to write: refused (ValueError, one line) when it is a folder or
+    its folder does not exist."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name in it, e.g. {path / 'out'}")
+    if not path.parent.is_dir():
+        what = "is not a folder" if path.parent.exists() else "does not exist"
+        raise ValueError(f"{flag} {path}: {path.parent} {what}")
+    return path
+
+
+def _check_address(host: str, port: int) -> None:
+    """Refuse (ValueError, one line) an address the server could not listen on: not a
+    valid IP address or name, or one this machine cannot bind (not its own, port in use
+    or privileged)."""
+    import ipaddress
+    import socket
+
+    if host.replace(".", "").isdigit():  # digits and dots: must be an IPv4 address
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError as err:
+            raise ValueError(f"host {host} is not a valid IPv4 address: {err}") from None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise ValueError(f"host {host}: no such address on this network ({err})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise ValueError(f"cannot serve on {host}:{port}: {err.strerror or err}") from None
+
+
 def _experiment_config(args: argparse.Namespace):
     from hat.config import apply_overrides, get_preset, load_config
 
@@ -43,6 +94,7 @@ def _experiment_config(args: argparse.Namespace):
 def _cmd_data_synth(args: argparse.Namespace) -> int:
     from hat.data import SCENE_STYLES, generate_scenes
 
+    _output_folder(args.out, "OUT")
     path = generate_scenes(
         args.out, n_train=args.train, n_val=args.val, n_test=args.test,
         image_size=args.image_size, seed=args.seed, style=SCENE_STYLES[args.style],
@@ -56,7 +108,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from hat.config import apply_overrides, load_config
     from hat.train import Trainer, TrainingDiverged, TrainingInterrupted
 
-    run = Path(args.run)
+    run = _output_folder(args.run, "--run")
     if args.resume:
         cfg = apply_overrides(load_config(run / "config.yaml"), args.overrides)
     else:
@@ -193,6 +245,8 @@ def _index_config(overrides: Sequence[str]):
 def _cmd_index_build(args: argparse.Namespace) -> int:
     from hat.index import Index
 
+    _output_folder(args.out, "--out")
+
     def create(cfg, device) -> None:
         Index.create(args.out, args.model, cfg, device=device).close()
 
@@ -200,11 +254,12 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_index_add(args: argparse.Namespace) -> int:
-    return _index_images(args, args.index, None)
+    return _index_images(args, args.index, None, model=args.model)
 
 
-def _index_images(args: argparse.Namespace, root: str, create) -> int:
-    """Create (with ``create``) or open an index and add images and captions to it.
+def _index_images(args: argparse.Namespace, root: str, create, model: str | None = None) -> int:
+    """Create (with ``create``) or open an index and add images and captions to it
+    (encoded by ``model``, default: the one the index names).
 
     Under ``torchrun`` every rank reads and encodes a share of the images and rank 0
     writes; captions are encoded by rank 0 alone.
@@ -221,7 +276,9 @@ def _index_images(args: argparse.Namespace, root: str, create) -> int:
         if main and create is not None:
             create(cfg, device)
         distributed.barrier()
-        with Index.open(root, cfg=cfg, device=device, writable=main) as index:
+        with Index.open(root, model=model, cfg=cfg, device=device, writable=main) as index:
+            if args.images or args.captions:
+                index.model  # noqa: B018 -- a model that cannot be loaded fails before any work
             report = index.add_images(*args.images) if args.images else AddReport()
             if main and args.captions:
                 report.captions = index.add_captions(args.captions)
@@ -322,6 +379,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from hat.data import CaptionTokenizer, load_image
     from hat.explain import explain, render_png
 
+    _output_file(args.out, "--out")
+    if args.json:
+        _output_file(args.json, "--json")
     model = resolve_model(args.model)
     explanation = explain(
         model, CaptionTokenizer.from_config(model.config.text), load_image(args.image),
@@ -345,10 +405,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     given = {
         "host": args.host,
         "port": args.port,
-        "token": args.token or os.environ.get("HAT_TOKEN"),
+        # An empty --token is refused by ServeConfig; an empty HAT_TOKEN means unset.
+        "token": args.token if args.token is not None else os.environ.get("HAT_TOKEN") or None,
     }
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    _check_address(cfg.host, cfg.port)
     index = Index.open(args.index, model=args.model, device=args.device or "cpu")
+    try:
+        index.model  # noqa: B018 -- a model that cannot be loaded fails before "serving on"
+    except BaseException:
+        index.close()
+        raise
     print(f"serving {args.index} ({len(index)} images) on http://{cfg.host}:{cfg.port}/"
           + (" (bearer token required)" if cfg.token else ""))  # fmt: skip
     serve(index, cfg)
@@ -489,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument(
         "--captions", help="captions to index too (Karpathy .json, .jsonl, .csv or .txt)"
     )
+    add.add_argument("--model", help="model to encode with (default: the one the index names)")
     index_overrides(add)
     add.set_defaults(func=_cmd_index_add)
     remove = index.add_parser("remove", help="remove images (files or whole folders), captions")
@@ -564,7 +632,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_flush_denormal(True)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, IndexFormatError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, CheckpointError, IndexFormatError, OSError, ValueError) as err:
+        # OSError: a path of the wrong kind or without permission that no check caught.
         print(f"hat: error: {err}", file=sys.stderr)
         return 2
 

@@ -2,7 +2,8 @@
 
 This module is the only home of defaults. Every knob of the model, the data
 pipeline and the training recipe lives in one of the dataclasses below; code
-reads them and never repeats a default.
+reads them and never repeats a default. Each field declares its valid range
+(:class:`Valid`), checked whenever a config is built.
 
 Example::
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,9 +28,11 @@ from typing import Any, Literal
 import yaml
 
 __all__ = [
+    "SELECTABLE_METRICS",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
+    "FieldRangeError",
     "ImageTowerConfig",
     "IndexConfig",
     "LevelConfig",
@@ -37,6 +41,7 @@ __all__ = [
     "ServeConfig",
     "TextTowerConfig",
     "TrainConfig",
+    "Valid",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
@@ -52,6 +57,123 @@ Direction = Literal["i2t", "t2i"]
 
 class ConfigError(ValueError):
     """A configuration value, file or override is invalid; the message names it."""
+
+
+class FieldRangeError(ConfigError):
+    """A field's value is outside its valid range (:class:`Valid`).
+
+    ``prefix`` + ``name`` is the field's dotted name from the config being built
+    (``train.batch_size``; ``batch_size`` for an :class:`IndexConfig`); ``reason``
+    may name sibling fields as ``{p}field``, so that they get the same prefix.
+    """
+
+    def __init__(self, prefix: str, name: str, reason: str) -> None:
+        self.prefix, self.name, self.reason = prefix, name, reason
+        super().__init__(f"{prefix}{name} {reason.replace('{p}', prefix)}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        return FieldRangeError, (self.prefix, self.name, self.reason)
+
+    def under(self, where: str) -> FieldRangeError:
+        """The same error for a config nested at ``where`` (a dotted path)."""
+        return FieldRangeError(f"{where}.{self.prefix}" if where else self.prefix, self.name,
+                               self.reason)  # fmt: skip
+
+
+# Seeds feed numpy (0 .. 2**32 - 1) after adding a process rank: 31 bits leave room.
+_SEED = {"ge": 0, "le": 2**31 - 1}
+# Metrics that validation may select the best epoch by: higher is better for each.
+SELECTABLE_METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+
+
+@dataclass(frozen=True)
+class Valid:
+    """The values a config field accepts, declared with the field (:func:`_valid`) and
+    checked whenever a config is built: defaults, presets, files, dotted overrides and
+    ``dataclasses.replace`` alike (each config's ``__post_init__``).
+
+    Numbers (each element, for a tuple of numbers) must be finite and within the given
+    bounds: ``ge <= v``, ``gt < v``, ``v <= le``. ``nonempty``: a tuple or string must
+    hold something (``None`` stays allowed where the type allows it). ``among``: each
+    element must be one of these names. Relations between fields (``min_temperature <=
+    temperature``) are checked in the ``__post_init__`` of their dataclass.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    nonempty: bool = False
+    among: tuple[str, ...] = ()
+
+    @property
+    def bounded(self) -> bool:
+        return self.ge is not None or self.gt is not None or self.le is not None
+
+    def bounds(self) -> str:
+        """The bounds in words, e.g. ``>= 1``, ``> 0 and <= 1``."""
+        parts = [f"{op} {v}" for op, v in ((">=", self.ge), (">", self.gt), ("<=", self.le))
+                 if v is not None]  # fmt: skip
+        return " and ".join(parts)
+
+    def problem(self, value: Any) -> tuple[str, str] | None:
+        """``(where, reason)`` of the first rule ``value`` breaks (``where``: ``""`` or an
+        element like ``"[1]"``), or ``None`` when it is valid."""
+        if value is None:
+            return None
+        if isinstance(value, str) and self.nonempty and not value.strip():
+            return "", "must not be empty"
+        if isinstance(value, tuple | list):
+            if self.nonempty and not value:
+                return "", "must not be empty"
+            for i, item in enumerate(value):
+                reason = self._element(item)
+                if reason:
+                    return f"[{i}]", reason
+            return None
+        reason = self._element(value)
+        return ("", reason) if reason else None
+
+    def _element(self, value: Any) -> str | None:
+        if self.among:
+            if value not in self.among:
+                return f"must be one of {', '.join(self.among)}; got {value!r}"
+            return None
+        if not self.bounded and not isinstance(value, float):
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"must be a number {self.bounds() or '(finite)'}, got {value!r}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
+        if (
+            (self.ge is not None and value < self.ge)
+            or (self.gt is not None and value <= self.gt)
+            or (self.le is not None and value > self.le)
+        ):
+            return f"must be {self.bounds()}, got {value!r}"
+        return None
+
+
+def _valid(default: Any = dataclasses.MISSING, **rules: Any) -> Any:
+    """A dataclass field with its default (none: required) and its :class:`Valid` rules."""
+    return field(default=default, metadata={"valid": Valid(**rules)})
+
+
+def _check_fields(cfg: Any) -> None:
+    """Raise :class:`FieldRangeError` for the first field of ``cfg`` that breaks its
+    :class:`Valid` rules."""
+    for f in dataclasses.fields(cfg):
+        valid = f.metadata.get("valid")
+        problem = valid.problem(getattr(cfg, f.name)) if valid is not None else None
+        if problem is not None:
+            where, reason = problem
+            raise FieldRangeError("", f.name + where, reason)
+
+
+def _require(holds: bool, name: str, reason: str) -> None:
+    """A relation between fields: :class:`FieldRangeError` for field ``name`` unless it
+    ``holds`` (``reason`` names the other fields as ``{p}field``)."""
+    if not holds:
+        raise FieldRangeError("", name, reason)
 
 
 def minilm_path() -> str:
@@ -74,17 +196,27 @@ class ImageTowerConfig:
     (the built-in scenes) must turn the flip off.
     """
 
-    backbone: str = "swin_base_patch4_window7_224"
+    backbone: str = _valid("swin_base_patch4_window7_224", nonempty=True)
     pretrained: bool = True
-    image_size: int = 224
+    image_size: int = _valid(224, ge=1)
     kwargs: dict[str, Any] = field(default_factory=dict)
-    pretrained_path: str | None = None
-    pretrained_source: str = "swin_base_patch4_window7_224.ms_in22k"
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    eval_resize: int = 256
-    train_crop_scale: tuple[float, float] = (0.08, 1.0)
+    pretrained_path: str | None = _valid(None, nonempty=True)
+    pretrained_source: str = _valid("swin_base_patch4_window7_224.ms_in22k", nonempty=True)
+    mean: tuple[float, float, float] = _valid((0.485, 0.456, 0.406))
+    std: tuple[float, float, float] = _valid((0.229, 0.224, 0.225), gt=0)
+    eval_resize: int = _valid(256, ge=1)
+    train_crop_scale: tuple[float, float] = _valid((0.08, 1.0), gt=0, le=1)
     train_hflip: bool = True
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        low, high = self.train_crop_scale
+        _require(low <= high, "train_crop_scale", f"must be (min, max), got {(low, high)}")
+        _require(
+            self.eval_resize >= self.image_size, "eval_resize",
+            f"must be >= {{p}}image_size ({self.image_size}), or the centre crop pads the "
+            f"image; got {self.eval_resize}",
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -99,12 +231,15 @@ class TextTowerConfig:
     path means the all-MiniLM-L6-v2 directory installed with this package.
     """
 
-    path: str | None = None
-    tokenizer_path: str | None = None
+    path: str | None = _valid(None, nonempty=True)
+    tokenizer_path: str | None = _valid(None, nonempty=True)
     pretrained: bool = True
     config: dict[str, Any] = field(default_factory=dict)
-    max_length: int = 32
-    pretrained_source: str = "bert-base-uncased"
+    max_length: int = _valid(32, ge=2)  # room for [CLS] and [SEP]
+    pretrained_source: str = _valid("bert-base-uncased", nonempty=True)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -115,8 +250,11 @@ class LevelConfig:
     of Hugging Face models (``hidden_states[0]`` is the embedding output).
     """
 
-    image_stage: int
-    text_layer: int
+    image_stage: int = _valid(ge=1)
+    text_layer: int = _valid(ge=1)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -133,21 +271,32 @@ class ModelConfig:
     towers frozen, by ``hat fit-global``.
     """
 
-    name: str = "paper"
+    name: str = _valid("paper", nonempty=True)
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
-    levels: tuple[LevelConfig, ...] = (
-        LevelConfig(image_stage=2, text_layer=4),
-        LevelConfig(image_stage=3, text_layer=10),
-        LevelConfig(image_stage=4, text_layer=12),
+    levels: tuple[LevelConfig, ...] = _valid(
+        (
+            LevelConfig(image_stage=2, text_layer=4),
+            LevelConfig(image_stage=3, text_layer=10),
+            LevelConfig(image_stage=4, text_layer=12),
+        ),
+        nonempty=True,
     )
-    embed_dim: int = 768
-    proj_init_std: float = 0.02
-    lambda_softmax: float = 9.0
+    embed_dim: int = _valid(768, ge=1)
+    proj_init_std: float = _valid(0.02, gt=0)
+    lambda_softmax: float = _valid(9.0, gt=0)
     direction: Direction = "i2t"
     alignment: Literal["cross_attention", "mean_pool"] = "cross_attention"
-    global_dim: int = 256
-    global_level: int = -1
+    global_dim: int = _valid(256, ge=1)
+    global_level: int = -1  # an index into levels: checked in __post_init__
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        k = len(self.levels)
+        _require(
+            -k <= self.global_level < k, "global_level",
+            f"must index {{p}}levels: {-k}..{k - 1} for {k} level(s), got {self.global_level}",
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -165,17 +314,28 @@ class DataConfig:
     that are not UTF-8 included, or a training image that cannot be read) is logged as
     a warning and left out instead of stopping the run; errors about a whole file
     (missing, UTF-16, not JSON, bad header) are always raised.
+    ``image_cache_mb``: training images are kept decoded in memory up to this many MiB
+    of pixels (0: none), so that every epoch after the first skips decoding them (each
+    DataLoader worker process keeps its own).
     """
 
     format: Literal["karpathy", "jsonl", "csv"] = "karpathy"
-    annotations: str | None = None
-    image_root: str | None = None
+    annotations: str | None = _valid(None, nonempty=True)
+    image_root: str | None = _valid(None, nonempty=True)
     use_restval: bool = True
-    captions_per_image: int = 5
-    split_ratios: tuple[float, float, float] = (0.9, 0.05, 0.05)
-    split_seed: int = 0
-    num_workers: int = 2
+    captions_per_image: int = _valid(5, ge=1)
+    split_ratios: tuple[float, float, float] = _valid((0.9, 0.05, 0.05), ge=0)
+    split_seed: int = _valid(0, **_SEED)
+    num_workers: int = _valid(2, ge=0)
     skip_bad: bool = False
+    image_cache_mb: int = _valid(0, ge=0)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _require(
+            sum(self.split_ratios) > 0, "split_ratios",
+            f"must have a positive sum (they are normalised by it), got {self.split_ratios}",
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -237,41 +397,51 @@ class TrainConfig:
     process.
     """
 
-    epochs: int = 100
-    batch_size: int = 58
-    eval_batch_size: int = 128
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    lr_step_epochs: int = 10
-    lr_gamma: float = 0.1
+    epochs: int = _valid(100, ge=1)
+    batch_size: int = _valid(58, ge=1)
+    eval_batch_size: int = _valid(128, ge=1)
+    lr: float = _valid(1e-4, ge=0)  # 0: nothing learns (tests of the collapse warning)
+    weight_decay: float = _valid(0.0, ge=0)
+    lr_step_epochs: int = _valid(10, ge=1)
+    lr_gamma: float = _valid(0.1, gt=0, le=1)
     lr_schedule: Literal["step", "cosine"] = "step"
-    warmup_steps: int = 0
-    margin: float = 0.2
+    warmup_steps: int = _valid(0, ge=0)
+    margin: float = _valid(0.2, ge=0)
     max_violation: bool = True
-    max_violation_warmup_epochs: int = 0
+    max_violation_warmup_epochs: int = _valid(0, ge=0)
     loss: Literal["triplet", "infonce"] = "triplet"
-    temperature: float = 0.05
+    temperature: float = _valid(0.05, gt=0)
     learn_temperature: bool = True
-    min_temperature: float = 0.01
-    level_loss_weight: float = 0.0
-    global_loss_weight: float = 0.0
-    global_temperature: float = 0.05
-    freeze_image_epochs: int = 11
-    freeze_text_epochs: int = 11
+    min_temperature: float = _valid(0.01, gt=0)
+    level_loss_weight: float = _valid(0.0, ge=0)
+    global_loss_weight: float = _valid(0.0, ge=0)
+    global_temperature: float = _valid(0.05, gt=0)
+    freeze_image_epochs: int = _valid(11, ge=-1)  # -1: frozen for good
+    freeze_text_epochs: int = _valid(11, ge=-1)
     amp: bool = True
     amp_dtype: Literal["float16", "bfloat16"] = "float16"
-    grad_clip: float = 0.0
-    seed: int = 0
-    val_split: str = "val"
-    val_max_images: int = 0
-    select_metric: tuple[str, ...] = ("i2t_r1", "t2i_r1")
-    log_every: int = 10
-    max_steps_per_epoch: int = 0
+    grad_clip: float = _valid(0.0, ge=0)  # 0: no clipping
+    seed: int = _valid(0, **_SEED)
+    val_split: str = _valid("val", nonempty=True)
+    val_max_images: int = _valid(0, ge=0)  # 0: all
+    select_metric: tuple[str, ...] = _valid(
+        ("i2t_r1", "t2i_r1"), nonempty=True, among=SELECTABLE_METRICS
+    )
+    log_every: int = _valid(10, ge=1)
+    max_steps_per_epoch: int = _valid(0, ge=0)  # 0: no cap
     global_batch_loss: bool = False
     group_captions: bool = False
     cache_text: bool = False
-    num_threads: int = 0
-    collapse_ratio: float = 1.5
+    num_threads: int = _valid(0, ge=0)  # 0: picked
+    collapse_ratio: float = _valid(1.5, ge=0)  # 0: never warns
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _require(
+            self.min_temperature <= self.temperature, "min_temperature",
+            f"must be <= {{p}}temperature ({self.temperature}), the starting temperature "
+            f"it clamps; got {self.min_temperature}",
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -285,10 +455,13 @@ class RetrievalConfig:
     (normalisations and softmax always run in float32 or wider).
     """
 
-    shortlist_k: int = 0
+    shortlist_k: int = _valid(0, ge=0)
     storage_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    image_block: int = 64
+    image_block: int = _valid(64, ge=1)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -301,14 +474,17 @@ class GlobalFitConfig:
     captions each (a different one every epoch), at ``temperature``.
     """
 
-    epochs: int = 40
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    temperature: float = 0.05
-    encode_batch_size: int = 64
-    num_workers: int = 2
-    seed: int = 0
+    epochs: int = _valid(40, ge=1)
+    batch_size: int = _valid(128, ge=1)
+    lr: float = _valid(1e-3, gt=0)  # 0 would mark untrained heads as trained
+    weight_decay: float = _valid(1e-4, ge=0)
+    temperature: float = _valid(0.05, gt=0)
+    encode_batch_size: int = _valid(64, ge=1)
+    num_workers: int = _valid(2, ge=0)
+    seed: int = _valid(0, **_SEED)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -325,14 +501,17 @@ class IndexConfig:
     ``search_block``: items scored at once by exhaustive search.
     """
 
-    batch_size: int = 32
-    num_workers: int = 0
-    commit_every: int = 1024
-    exact_max_items: int = 50_000
-    ivf_lists_per_sqrt: float = 4.0
-    nprobe: int = 16
-    shortlist: int = 200
-    search_block: int = 512
+    batch_size: int = _valid(32, ge=1)
+    num_workers: int = _valid(0, ge=0)
+    commit_every: int = _valid(1024, ge=1)
+    exact_max_items: int = _valid(50_000, ge=0)
+    ivf_lists_per_sqrt: float = _valid(4.0, gt=0)
+    nprobe: int = _valid(16, ge=1)
+    shortlist: int = _valid(200, ge=1)
+    search_block: int = _valid(512, ge=1)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -343,14 +522,17 @@ class ServeConfig:
     request but ``/healthz`` needs ``Authorization: Bearer <token>``.
     """
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_query_chars: int = 500
-    max_k: int = 100
-    max_upload_bytes: int = 10 * 2**20
-    max_pixels: int = 40_000_000
-    thumbnail_size: int = 320
-    token: str | None = None
+    host: str = _valid("127.0.0.1", nonempty=True)
+    port: int = _valid(8000, ge=1, le=65535)
+    max_query_chars: int = _valid(500, ge=1)
+    max_k: int = _valid(100, ge=1)
+    max_upload_bytes: int = _valid(10 * 2**20, ge=1)
+    max_pixels: int = _valid(40_000_000, ge=1)
+    thumbnail_size: int = _valid(320, ge=1)
+    token: str | None = _valid(None, nonempty=True)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -551,7 +733,10 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
     kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except FieldRangeError as err:
+        raise err.under(where) from None
 
 
 def config_from_dict(data: dict[str, Any], cls: type = ExperimentConfig) -> Any:

@@ -51,6 +51,7 @@ from hat.config import ConfigError, ExperimentConfig, TrainConfig, config_to_dic
 from hat.data import (
     CaptionTokenizer,
     DataError,
+    DecodedImages,
     ImageCaptionsDataset,
     PairCollator,
     PairDataset,
@@ -536,10 +537,12 @@ class Trainer:
                 "torchrun: the global batch gathers one caption per image"
             )
         dataset = ImageCaptionsDataset if cfg.train.group_captions else PairDataset
+        cache = DecodedImages(cfg.data.image_cache_mb * 2**20) if cfg.data.image_cache_mb else None
         items = dataset(
             self.train_records,
             build_transform(cfg.model.image, train=True),
             skip_bad=cfg.data.skip_bad,
+            cache=cache,
         )
         self.items = SeededItems(items, cfg.train.seed)
         self.collate = PairCollator(self.tokenizer)

@@ -1,6 +1,7 @@
 """Data: dataset readers, the built-in scene generator, transforms, tokenisation, datasets."""
 
 from hat.data.datasets import (
+    DecodedImages,
     ImageCaptionsDataset,
     ImageDataset,
     PairCollator,
@@ -24,6 +25,7 @@ __all__ = [
     "SCENE_STYLES",
     "CaptionTokenizer",
     "DataError",
+    "DecodedImages",
     "ImageCaptionsDataset",
     "ImageDataset",
     "ImageError",

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -27,6 +28,7 @@ from hat.data.tokenize import CaptionTokenizer
 from hat.data.transforms import ImageError, load_image
 
 __all__ = [
+    "DecodedImages",
     "ImageCaptionsDataset",
     "ImageDataset",
     "PairCollator",
@@ -41,10 +43,41 @@ ImageCaptionsItem = tuple[Tensor, tuple[str, ...], int]
 ImageItem = tuple[Tensor, int]
 
 
-def _load(record: ImageRecord, transform: Callable, index: int, skip_bad: bool) -> Tensor | None:
+class DecodedImages:
+    """Decoded images kept in memory, up to ``max_bytes`` of pixels, so that later
+    epochs skip decoding them (``data.image_cache_mb``); filled as images are first
+    read, first come first kept. Each DataLoader worker process fills its own."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._images: dict[str, Image.Image] = {}
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def load(self, path: str) -> Image.Image:
+        """:func:`~hat.data.transforms.load_image` of ``path``, from memory when kept."""
+        image = self._images.get(path)
+        if image is None:
+            image = load_image(path)
+            size = image.width * image.height * len(image.getbands())
+            if self.nbytes + size <= self.max_bytes:
+                self._images[path] = image
+                self.nbytes += size
+        return image
+
+
+def _load(
+    record: ImageRecord,
+    transform: Callable,
+    index: int,
+    skip_bad: bool,
+    cache: DecodedImages | None = None,
+) -> Tensor | None:
     """The transformed image of ``record``; ``None`` for a bad image when ``skip_bad``."""
     try:
-        image = load_image(record.path)
+        image = load_image(record.path) if cache is None else cache.load(record.path)
     except ImageError as err:
         message = f"{err} (record image_id={record.image_id!r}, dataset item {index})"
         if not skip_bad:
@@ -58,19 +91,62 @@ def _skipped(count: int) -> Tensor:
     return torch.tensor(count, dtype=torch.long)
 
 
-class PairDataset(Dataset):
-    """One item per (image, caption) pair: ``(image (3, H, W), caption, image_index)``.
+class ImageDataset(Dataset):
+    """One item per image: ``(image (3, H, W), image_index)``, for encoding each image once.
 
     With ``skip_bad``, an item whose image cannot be read is ``None`` (see the module
-    docstring); otherwise it raises :class:`ImageError` naming the file and record.
+    docstring; the batch's ``image_index`` then says which images are present);
+    otherwise it raises :class:`ImageError` naming the file and record. ``cache``:
+    decoded images to keep (:class:`DecodedImages`), or ``None``.
     """
 
     def __init__(
-        self, records: Sequence[ImageRecord], transform: Callable, skip_bad: bool = False
+        self,
+        records: Sequence[ImageRecord],
+        transform: Callable,
+        skip_bad: bool = False,
+        cache: DecodedImages | None = None,
     ) -> None:
         self.records = list(records)
         self.transform = transform
         self.skip_bad = skip_bad
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _image(self, record: ImageRecord, index: int) -> Tensor | None:
+        """The transformed image of ``record`` for dataset item ``index``."""
+        return _load(record, self.transform, index, self.skip_bad, self.cache)
+
+    def __getitem__(self, index: int) -> ImageItem | None:
+        image = self._image(self.records[index], index)
+        return None if image is None else (image, index)
+
+
+class ImageCaptionsDataset(ImageDataset):
+    """One item per image with every caption of it: ``(image (3, H, W), captions,
+    image_index)``, for batches of images that each bring all their captions
+    (``train.group_captions``); otherwise as :class:`ImageDataset`."""
+
+    def __getitem__(self, index: int) -> ImageCaptionsItem | None:
+        record = self.records[index]
+        image = self._image(record, index)
+        return None if image is None else (image, tuple(record.captions), index)
+
+
+class PairDataset(ImageDataset):
+    """One item per (image, caption) pair: ``(image (3, H, W), caption, image_index)``;
+    otherwise as :class:`ImageDataset`."""
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        transform: Callable,
+        skip_bad: bool = False,
+        cache: DecodedImages | None = None,
+    ) -> None:
+        super().__init__(records, transform, skip_bad, cache)
         self.pairs = [(i, j) for i, r in enumerate(self.records) for j in range(len(r.captions))]
 
     def __len__(self) -> int:
@@ -79,53 +155,10 @@ class PairDataset(Dataset):
     def __getitem__(self, index: int) -> PairItem | None:
         image_index, caption_index = self.pairs[index]
         record = self.records[image_index]
-        image = _load(record, self.transform, index, self.skip_bad)
+        image = self._image(record, index)
         if image is None:
             return None
         return image, record.captions[caption_index], image_index
-
-
-class ImageCaptionsDataset(Dataset):
-    """One item per image with every caption of it: ``(image (3, H, W), captions,
-    image_index)``, for batches of images that each bring all their captions
-    (``train.group_captions``). ``None`` for a bad image when ``skip_bad``."""
-
-    def __init__(
-        self, records: Sequence[ImageRecord], transform: Callable, skip_bad: bool = False
-    ) -> None:
-        self.records = list(records)
-        self.transform = transform
-        self.skip_bad = skip_bad
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> ImageCaptionsItem | None:
-        record = self.records[index]
-        image = _load(record, self.transform, index, self.skip_bad)
-        return None if image is None else (image, tuple(record.captions), index)
-
-
-class ImageDataset(Dataset):
-    """One item per image: ``(image (3, H, W), image_index)``, for encoding each image once.
-
-    With ``skip_bad``, an item whose image cannot be read is ``None``; the batch's
-    ``image_index`` then says which images are present.
-    """
-
-    def __init__(
-        self, records: Sequence[ImageRecord], transform: Callable, skip_bad: bool = False
-    ) -> None:
-        self.records = list(records)
-        self.transform = transform
-        self.skip_bad = skip_bad
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> ImageItem | None:
-        image = _load(self.records[index], self.transform, index, self.skip_bad)
-        return None if image is None else (image, index)
 
 
 class PairCollator:

@@ -189,10 +189,19 @@ class Index:
     def model(self) -> HAT:
         """The model the index was built with; loaded (and its fingerprint checked) on
         first use, so that ``info`` and ``remove`` never load it."""
+        from hat.checkpoint import CheckpointError
+
         with self._lock:
             if self._model is None:
                 source = self.store.manifest.model_path
-                self._model = _verified(resolve_model(source), self.store, source)
+                try:
+                    model = resolve_model(source)
+                except CheckpointError as err:
+                    raise CheckpointError(
+                        f"{err} ({source} is the model path recorded in the manifest of index "
+                        f"{self.store.root}; if the model moved, give its place with --model)"
+                    ) from err
+                self._model = _verified(model, self.store, source)
                 self._model.to(self.device).eval()
             return self._model
 
