@@ -70,6 +70,6 @@ def test_exponent_numbers_without_a_dot_are_numbers() -> None:
     """YAML 1.1 reads ``1e-3`` as a string; a float field takes it as the number."""
     from hat.config import ConfigError, apply_overrides, get_preset
 
-    assert apply_overrides(get_preset("cpu"), ["train.lr=1e-3"]).train.lr == 1e-3
+    assert apply_overrides(get_preset("cpu"), ["train.lr=2e-3"]).train.lr == 2e-3
     with pytest.raises(ConfigError, match="train.lr"):
         apply_overrides(get_preset("cpu"), ["train.lr=fast"])
