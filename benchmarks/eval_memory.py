@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from hat.config import RetrievalConfig, get_preset
-from hat.evaluate import score_all
-from hat.model import ImageFeatures, TextFeatures
+from hat.config import get_preset
+from hat.features import ImageFeatures, TextFeatures
+from hat.scorer import Scorer
 
 REGIONS = (784, 196, 49)
 MAX_WORDS = 32
@@ -69,7 +69,9 @@ def main() -> None:
     store = sum(t.nbytes for t in images.levels) + sum(t.nbytes for t in captions.levels)
     after_store = peak_rss_gib()
     start = time.perf_counter()
-    scores = score_all(cfg, images, captions[: args.captions], device, RetrievalConfig())
+    scores = Scorer(cfg, device).all_pairs(
+        images, captions[: args.captions], out=torch.device("cpu")
+    )
     seconds = time.perf_counter() - start
     pairs = args.images * args.captions
     print(

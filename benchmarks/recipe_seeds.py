@@ -33,8 +33,9 @@ import torch
 
 from hat.checkpoint import resolve_model
 from hat.config import apply_overrides, get_preset
-from hat.data import SCENE_STYLES, CaptionTokenizer, generate_scenes, load_records, select_split
+from hat.data import SCENE_STYLES, generate_scenes, load_records, select_split
 from hat.demo import SCENE_SIZE
+from hat.encoder import Encoder
 from hat.evaluate import evaluate
 from hat.metrics import chance_metrics
 from hat.train import Trainer
@@ -56,10 +57,8 @@ def _train_and_test(run: Path, overrides: list[str]) -> dict:
     start = time.perf_counter()
     Trainer(cfg, run, device="cpu", progress=False).fit()
     seconds = time.perf_counter() - start
-    model = resolve_model(run, "best")
     test = select_split(load_records(cfg.data), "test")
-    tokenizer = CaptionTokenizer.from_config(model.config.text)
-    report = evaluate(model, test, tokenizer, torch.device("cpu"), progress=False)
+    report = evaluate(Encoder(resolve_model(run, "best")), test, progress=False)
     rsums = {name: m["rsum"] for name, m in report.metrics.items()}
     return {"rsum": rsums, "train_seconds": seconds, "test_images": len(test)}
 

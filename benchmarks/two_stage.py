@@ -20,18 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from hat.checkpoint import load_model
-from hat.config import DataConfig, GlobalFitConfig, RetrievalConfig
-from hat.data import CaptionTokenizer, generate_scenes, load_records, select_split
-from hat.evaluate import (
-    RECALL_KEYS,
-    encode_captions,
-    encode_images,
-    score_all,
-    two_stage_metrics,
-)
+from hat.config import DataConfig, GlobalFitConfig
+from hat.data import generate_scenes, load_records, select_split
+from hat.encoder import Encoder
+from hat.evaluate import RECALL_KEYS, two_stage_metrics
 from hat.global_heads import fit_global_heads
 from hat.metrics import retrieval_metrics
 from hat.search import two_stage_similarity
@@ -52,17 +45,14 @@ def main() -> None:
     parser.add_argument("--fit-global", action="store_true", help="refit the global heads first")
     args = parser.parse_args()
     demo = Path(args.demo)
-    device = torch.device("cpu")
-    model = load_model(demo / "model")
-    tokenizer = CaptionTokenizer.from_config(model.config.text)
+    encoder = Encoder(load_model(demo / "model"))
+    scorer = encoder.scorer()
     if args.fit_global:
         train_data = DataConfig(
             annotations=str(demo / "data" / "dataset_synth.json"), image_root=str(demo / "data")
         )
         train = select_split(load_records(train_data), "train")
-        fit = fit_global_heads(
-            model, train, tokenizer, device, GlobalFitConfig(num_workers=0), progress=False
-        )
+        fit = fit_global_heads(encoder, train, GlobalFitConfig(num_workers=0), progress=False)
         print(f"refitted the global heads: {fit.to_dict()}")
     scenes = demo / "data"
     if args.gallery:
@@ -73,11 +63,11 @@ def main() -> None:
     data = DataConfig(annotations=str(scenes / "dataset_synth.json"), image_root=str(scenes))
     test = select_split(load_records(data), "test")
     captions = [c for r in test for c in r.captions[:5]]
-    images = encode_images(model, test, 64, device, progress=False)
-    texts = encode_captions(model, captions, tokenizer, 64, device, progress=False)
+    images = encoder.encode_images(test)
+    texts = encoder.encode_captions(captions)
     n, m = len(images), len(texts)
     start = time.perf_counter()
-    exhaustive = retrieval_metrics(score_all(model.config, images, texts, device).total)
+    exhaustive = retrieval_metrics(scorer.all_pairs(images, texts).total)
     rows = [("exhaustive", exhaustive, 2 * n * m, time.perf_counter() - start)]
     rows.append(
         (
@@ -90,9 +80,7 @@ def main() -> None:
     for fraction in args.fractions:
         k, caption_k = (max(1, round(fraction * size)) for size in (n, m))
         start = time.perf_counter()
-        two = two_stage_similarity(
-            model.config, images, texts, k, device, RetrievalConfig(), caption_k=caption_k
-        )
+        two = two_stage_similarity(scorer, images, texts, k, caption_k=caption_k)
         seconds = time.perf_counter() - start
         rows.append(
             (

@@ -27,7 +27,9 @@ from hat import distributed
 from hat.checkpoint import load_training_checkpoint, resolve_model
 from hat.config import RetrievalConfig, apply_overrides, get_preset
 from hat.data import CaptionTokenizer, load_records, select_split
+from hat.encoder import Encoder
 from hat.evaluate import encode_and_score, evaluate
+from hat.index.gallery import gather
 from hat.model import HAT
 from hat.train import EpochOrder, Trainer, TrainingObjective
 
@@ -91,8 +93,7 @@ def test_torchrun_trains_and_evaluates_like_one_process(tmp_path: Path, scenes: 
     model = resolve_model(run, "latest")
     cfg = apply_overrides(get_preset("tiny"), data_args(scenes))
     single = evaluate(
-        model, select_split(load_records(cfg.data), "test"),
-        CaptionTokenizer.from_config(model.config.text), torch.device("cpu"), batch_size=3,
+        Encoder(model), select_split(load_records(cfg.data), "test"), batch_size=3,
         retrieval=RetrievalConfig(shortlist_k=5, storage_dtype="float32"), progress=False,
     )  # fmt: skip
     assert json.loads(sharded.read_text()) == json.loads(json.dumps(single.to_dict()))
@@ -170,16 +171,16 @@ def _evaluation(annotations: Path) -> dict:
     torch.manual_seed(0)
     model = HAT(cfg.model).eval()
     records = select_split(load_records(cfg.data), "test")
-    tokenizer = CaptionTokenizer.from_config(cfg.model.text)
-    retrieval = RetrievalConfig(shortlist_k=5, storage_dtype="float32", image_block=3)
-    device, cpi, batch = torch.device("cpu"), cfg.data.captions_per_image, 3
+    encoder = Encoder(model)
+    # A budget of 3 images' float32 tokens: image blocks of 3, shared out unevenly.
+    tokens = sum(g * g for g in model.image_tower.grid_sizes) * cfg.model.embed_dim
+    image_mb = 3 * tokens * torch.finfo(torch.float32).bits // 8 / 2**20
+    retrieval = RetrievalConfig(shortlist_k=5, storage_dtype="float32", block_mb=image_mb)
+    cpi, batch = cfg.data.captions_per_image, 3
     captions = [c for r in records for c in r.captions[:cpi]]
-    img, txt, scores = encode_and_score(
-        model, records, captions, tokenizer, batch, device, 0, torch.float32, retrieval, False
-    )
-    report = evaluate(
-        model, records, tokenizer, device, cpi, batch, folds=2, retrieval=retrieval, progress=False
-    )
+    img, txt, scores = encode_and_score(encoder, records, captions, batch, 0, retrieval, False)
+    assert encoder.scorer(retrieval).images_per_block(img) == 3
+    report = evaluate(encoder, records, cpi, batch, folds=2, retrieval=retrieval, progress=False)
     return {
         "tensors": [*img.levels, img.global_embedding, *txt.levels, txt.lengths, scores.levels],
         "report": report.to_dict(),
@@ -265,7 +266,7 @@ def test_sharded_evaluation_equals_one_process(spawned: dict) -> None:
 def _stored_images(index) -> tuple[list[str], object]:
     """Paths and features of every image of an index, in id order."""
     ids, segments, rows = index.store.locations("image")
-    return [index.image_path(int(i)) for i in ids], index._gather("image", segments, rows)
+    return [index.image_path(int(i)) for i in ids], gather(index.store, "image", segments, rows)
 
 
 def test_sharded_index_build_equals_one_process(tmp_path: Path, scenes: Path) -> None:

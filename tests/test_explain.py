@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import hat
 from hat.align import attention_maps, similarity
 from hat.cli import main
-from hat.data import CaptionTokenizer, load_image
+from hat.data import load_image
+from hat.encoder import Encoder
 from hat.explain import explain, render_png
 
 
@@ -34,10 +35,9 @@ def test_attention_maps_reproduce_the_score(direction):
 
 def test_explain_model_and_cli(collection, tmp_path, capsys):
     model = hat.load_model(collection["model"])
-    tokenizer = CaptionTokenizer.from_config(model.config.text)
     image_file = sorted(collection["images"].glob("*.png"))[0]
     caption = "a red circle above a blue square"
-    explanation = explain(model, tokenizer, load_image(image_file), caption)
+    explanation = explain(Encoder(model), load_image(image_file), caption)
     assert explanation.words == caption.split()
     assert [lv.weights.shape for lv in explanation.levels] == [(7, 8, 8), (7, 4, 4), (7, 2, 2)]
     assert explanation.score == pytest.approx(sum(lv.score for lv in explanation.levels), abs=1e-5)

@@ -12,7 +12,8 @@ import hat
 from hat.checkpoint import load_model, save_model
 from hat.cli import main
 from hat.config import DataConfig, GlobalFitConfig, IndexConfig
-from hat.data import CaptionTokenizer, load_records, select_split
+from hat.data import load_records, select_split
+from hat.encoder import Encoder
 from hat.global_heads import fit_global_heads, pooled_features
 from hat.index import Index
 from hat.losses import info_nce_loss
@@ -38,9 +39,9 @@ def test_fit_trains_only_the_heads_and_improves_global_retrieval(scenes) -> None
     torch.manual_seed(0)
     model = hat.create_model("tiny")
     records = _train_split(scenes)
-    tokenizer = CaptionTokenizer.from_config(model.config.text)
+    encoder = Encoder(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    feats = pooled_features(model, records, tokenizer, torch.device("cpu"), progress=False)
+    feats = pooled_features(encoder, records, progress=False)
     assert feats.images.shape == (len(records), model.config.embed_dim)
     assert feats.captions.shape[0] == sum(len(r.captions) for r in records)
     first = feats.captions[feats.first_caption]  # (N, d) each image's first caption
@@ -52,7 +53,7 @@ def test_fit_trains_only_the_heads_and_improves_global_retrieval(scenes) -> None
         ).item()
     start_rsum = _global_rsum(model, feats)
     cfg = GlobalFitConfig(epochs=60, batch_size=8, num_workers=0)
-    report = fit_global_heads(model, records, tokenizer, torch.device("cpu"), cfg, False)
+    report = fit_global_heads(encoder, records, cfg, False)
     assert model.has_trained_global
     for key, value in model.state_dict().items():
         if key.startswith(HEADS):
@@ -68,9 +69,8 @@ def test_fit_refuses_images_without_captions(scenes) -> None:
     model = hat.create_model("tiny")
     records = _train_split(scenes)
     records[0] = dataclasses.replace(records[0], captions=())
-    tokenizer = CaptionTokenizer.from_config(model.config.text)
     with pytest.raises(ValueError, match="without captions"):
-        fit_global_heads(model, records, tokenizer, torch.device("cpu"), progress=False)
+        fit_global_heads(Encoder(model), records, progress=False)
 
 
 def test_cli_fit_global_writes_a_new_model(tmp_path, scenes, capsys) -> None:

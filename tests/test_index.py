@@ -23,7 +23,7 @@ from hat.cli import main
 from hat.config import IndexConfig
 from hat.data import CaptionTokenizer, DataError, build_transform, load_image
 from hat.index import Index, IndexFormatError, read_caption_file
-from hat.model import similarity
+from hat.scorer import Scorer
 
 # fp16 storage of the tokens: scores agree with float32 scoring to about this much.
 FP16_SCORE_TOL = 2e-3
@@ -56,10 +56,9 @@ def test_build_and_search_text_matches_direct_scoring(tmp_path, collection):
         with torch.no_grad():
             pixels = torch.stack([transform(load_image(h.path)) for h in hits])
             batch = tokenizer([query])
-            direct = similarity(
+            direct = Scorer(model.config).all_pairs(
                 model.encode_image(pixels),
                 model.encode_text(batch["input_ids"], batch["attention_mask"]),
-                model.config,
             )
         for i, h in enumerate(hits):
             assert h.level_scores == pytest.approx(
@@ -195,7 +194,7 @@ def test_reader_sees_a_writers_additions_and_leftovers_are_harmless(
 def test_large_collections_use_an_approximate_index(tmp_path, collection):
     cfg = {"exact_max_items": 4, "nprobe": 64}
     with build(tmp_path, collection, collection["images"], **cfg) as index:
-        kind = type(index._snapshot("image").faiss).__name__
+        kind = type(index.gallery("image").faiss).__name__
         assert "IVF" in kind
         hits = index.search_text("a red star", k=3)
         assert [h.id for h in hits] == [h.id for h in index.search_text("a red star", 3, True)]

@@ -220,6 +220,7 @@ def test_cached_text_features_give_the_loss_of_recomputing_them(scenes) -> None:
         load_records,
         select_split,
     )
+    from hat.encoder import Encoder
     from hat.train import TextCache, TrainingObjective
 
     cfg = _tiny_run(scenes, "train.loss=infonce", "train.level_loss_weight=0.5")
@@ -228,7 +229,9 @@ def test_cached_text_features_give_the_loss_of_recomputing_them(scenes) -> None:
     train = select_split(load_records(cfg.data), "train")
     pairs = PairDataset(train, build_transform(cfg.model.image, train=False))
     batch = PairCollator(tokenizer)([pairs[i] for i in range(0, 40, 5)])
-    cache = TextCache(model, [c for r in train for c in r.captions], tokenizer, "cpu", 7)
+    cache = TextCache(
+        Encoder(model, tokenizer=tokenizer), [c for r in train for c in r.captions], 7
+    )
     assert len(cache) == len({c for r in train for c in r.captions})
     args = (batch["images"], batch["input_ids"], batch["attention_mask"], True)
     losses, grads = [], []

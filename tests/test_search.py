@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hat.config import RetrievalConfig, get_preset
-from hat.model import ImageFeatures, TextFeatures, similarity
+from hat.config import get_preset
+from hat.features import ImageFeatures, TextFeatures
+from hat.scorer import Scorer
 from hat.search import two_stage_similarity
 
 
@@ -31,11 +32,9 @@ def test_shortlisted_scores_are_the_exact_scores_of_the_shortlist(alignment) -> 
     torch.manual_seed(0)
     cfg = dataclasses.replace(get_preset("tiny").model, alignment=alignment)
     images, captions = _features(7, 20, cfg)
-    retrieval = RetrievalConfig(compute_dtype="float32")
-    two = two_stage_similarity(
-        cfg, images, captions, 3, torch.device("cpu"), retrieval, caption_k=5
-    )
-    exact = similarity(images, captions, cfg).total  # (7, 20)
+    scorer = Scorer(cfg, compute_dtype="float32")
+    two = two_stage_similarity(scorer, images, captions, 3, caption_k=5)
+    exact = scorer.all_pairs(images, captions).total  # (7, 20)
     cosine = images.global_embedding @ captions.global_embedding.T  # (7, 20)
     # i2t: each image's 5 captions of highest global cosine, scored exactly; t2i: 3 images.
     i2t_kept = torch.zeros_like(exact, dtype=torch.bool)

@@ -14,6 +14,7 @@ from hat.checkpoint import load_model, load_training_checkpoint, resolve_model
 from hat.cli import main
 from hat.config import apply_overrides, get_preset
 from hat.data import CaptionTokenizer, load_records, select_split
+from hat.encoder import Encoder
 from hat.evaluate import evaluate
 from hat.model import HAT
 
@@ -68,12 +69,12 @@ def test_two_stage_with_full_shortlist_equals_exhaustive(scenes: Path) -> None:
     cfg = apply_overrides(get_preset("tiny"), data_args(scenes))
     model = HAT(cfg.model).eval()
     test = select_split(load_records(cfg.data), "test")
-    tokenizer = CaptionTokenizer.from_config(model.config.text)
+    encoder = Encoder(model)
     everything = apply_overrides(cfg.retrieval, ["shortlist_k=40", "storage_dtype=float32"])
-    report = evaluate(model, test, tokenizer, torch.device("cpu"), retrieval=everything)
+    report = evaluate(encoder, test, retrieval=everything)
     assert report.metrics["hat_two_stage"] == pytest.approx(report.metrics["hat"])
     small = apply_overrides(cfg.retrieval, ["shortlist_k=1", "storage_dtype=float32"])
-    short = evaluate(model, test, tokenizer, torch.device("cpu"), retrieval=small)
+    short = evaluate(encoder, test, retrieval=small)
     # With one candidate per query, R@10 can only be as good as the shortlist's R@1.
     assert short.metrics["hat_two_stage"]["t2i_r10"] <= short.metrics["hat"]["t2i_r10"] + 1e-9
 
@@ -117,7 +118,7 @@ def test_evaluate_an_ensemble_of_two_directions(tmp_path: Path, scenes: Path, ca
         model = HAT(dataclasses.replace(cfg.model, direction=direction)).eval()
         paths.append(tmp_path / direction)
         save_model(model, paths[-1], tokenizer=tokenizer.tokenizer)
-        reports.append(evaluate(model, test, tokenizer, torch.device("cpu"), retrieval=float32))
+        reports.append(evaluate(Encoder(model, tokenizer=tokenizer), test, retrieval=float32))
     out_json = tmp_path / "ensemble.json"
     status = main(
         ["evaluate", *map(str, paths), "captions_per_image=5", "--annotations", str(scenes),

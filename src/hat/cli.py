@@ -133,7 +133,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from hat import distributed
     from hat.checkpoint import resolve_model
     from hat.config import DataConfig, RetrievalConfig, apply_overrides
-    from hat.data import CaptionTokenizer, load_records, select_split
+    from hat.data import load_records, select_split
+    from hat.encoder import Encoder
     from hat.evaluate import ensemble_report, evaluate, format_report
     from hat.train import pick_device
 
@@ -152,15 +153,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         reports = []
         for path in models:
             # Each model scores in the direction it was trained with (its config).
-            model = resolve_model(path, args.which).to(device)
-            tokenizer = CaptionTokenizer.from_config(model.config.text)
+            encoder = Encoder(resolve_model(path, args.which), device)
             report = evaluate(
-                model, records, tokenizer, device, captions_per_image=data.captions_per_image,
+                encoder, records, captions_per_image=data.captions_per_image,
                 batch_size=args.batch_size, num_workers=data.num_workers, folds=args.folds,
                 retrieval=retrieval,
             )  # fmt: skip
-            reports.append((path, model.config.direction, report))
-            del model
+            reports.append((path, encoder.config.direction, report))
+            del encoder
         ensemble = (
             ensemble_report([r for _, _, r in reports], data.captions_per_image)
             if len(reports) > 1
@@ -193,7 +193,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_fit_global(args: argparse.Namespace) -> int:
     from hat.checkpoint import resolve_model, save_model
     from hat.config import DataConfig, GlobalFitConfig, apply_overrides
-    from hat.data import CaptionTokenizer, load_records, select_split
+    from hat.data import load_records, select_split
+    from hat.encoder import Encoder
     from hat.global_heads import fit_global_heads
     from hat.train import pick_device
 
@@ -203,11 +204,10 @@ def _cmd_fit_global(args: argparse.Namespace) -> int:
     data = DataConfig(format=args.format, annotations=args.annotations, image_root=args.image_root)
     cfg = apply_overrides(GlobalFitConfig(), args.overrides)
     device = pick_device(args.device)
-    model = resolve_model(args.model, args.which).to(device)
+    encoder = Encoder(resolve_model(args.model, args.which), device)
     records = select_split(load_records(data), args.split)
-    tokenizer = CaptionTokenizer.from_config(model.config.text)
-    report = fit_global_heads(model, records, tokenizer, device, cfg)
-    save_model(model.cpu(), out, tokenizer=tokenizer.tokenizer)
+    report = fit_global_heads(encoder, records, cfg)
+    save_model(encoder.model.cpu(), out, tokenizer=encoder.tokenizer.tokenizer)
     print(json.dumps(report.to_dict(), indent=2))
     print(f"wrote model directory {out}")
     return 0
@@ -375,18 +375,14 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from hat.checkpoint import resolve_model
-    from hat.data import CaptionTokenizer, load_image
+    from hat.data import load_image
+    from hat.encoder import Encoder
     from hat.explain import explain, render_png
 
     _output_file(args.out, "--out")
     if args.json:
         _output_file(args.json, "--json")
-    model = resolve_model(args.model)
-    explanation = explain(
-        model, CaptionTokenizer.from_config(model.config.text), load_image(args.image),
-        args.caption,
-    )  # fmt: skip
+    explanation = explain(Encoder.load(args.model), load_image(args.image), args.caption)
     render_png(explanation, args.out)
     levels = ", ".join(f"{lv.score:.3f}" for lv in explanation.levels)
     print(f"HAT score {explanation.score:.3f} (levels {levels}); wrote {args.out}")

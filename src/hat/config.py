@@ -453,12 +453,15 @@ class RetrievalConfig:
     ``storage_dtype``: precision of the encoded tokens kept in host memory.
     ``compute_dtype``: ``auto`` is bfloat16 on CUDA and float32 elsewhere
     (normalisations and softmax always run in float32 or wider).
+    ``block_mb``: the one memory budget of scoring (:class:`hat.scorer.Scorer`): the
+    temporaries of one block of pairs, and the tokens of one block of images moved to
+    the device, stay within it.
     """
 
     shortlist_k: int = _valid(0, ge=0)
     storage_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    image_block: int = _valid(64, ge=1)
+    block_mb: float = _valid(64.0, gt=0)
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -498,7 +501,6 @@ class IndexConfig:
     faiss index; above it in an IVF index with ``ivf_lists_per_sqrt * sqrt(n)`` lists,
     of which ``nprobe`` are visited per query. ``shortlist``: candidates per query
     that two-stage search reranks with HAT's exact score.
-    ``search_block``: items scored at once by exhaustive search.
     """
 
     batch_size: int = _valid(32, ge=1)
@@ -508,7 +510,6 @@ class IndexConfig:
     ivf_lists_per_sqrt: float = _valid(4.0, gt=0)
     nprobe: int = _valid(16, ge=1)
     shortlist: int = _valid(200, ge=1)
-    search_block: int = _valid(512, ge=1)
 
     def __post_init__(self) -> None:
         _check_fields(self)

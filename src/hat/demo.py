@@ -15,7 +15,8 @@ from pathlib import Path
 
 from hat.checkpoint import resolve_model, save_model
 from hat.config import apply_overrides, get_preset
-from hat.data import CaptionTokenizer, ImageRecord, generate_scenes, load_records, select_split
+from hat.data import ImageRecord, generate_scenes, load_records, select_split
+from hat.encoder import Encoder
 from hat.evaluate import evaluate, format_report
 from hat.index import Index
 from hat.train import Trainer, pick_device
@@ -66,12 +67,11 @@ def run_demo(
     Trainer(cfg, run, device=device, resume=resume).fit()
 
     dev = pick_device(device)
-    model = resolve_model(run, "best").to(dev)
-    tokenizer = CaptionTokenizer.from_config(model.config.text)
-    save_model(model, out / "model", tokenizer=tokenizer.tokenizer)
+    encoder = Encoder(resolve_model(run, "best"), dev)
+    save_model(encoder.model, out / "model", tokenizer=encoder.tokenizer.tokenizer)
     test = select_split(load_records(cfg.data), "test")
     print(f"[3/4] evaluating on the test split ({len(test)} images)")
-    report = evaluate(model, test, tokenizer, dev, cfg.data.captions_per_image, progress=False)
+    report = evaluate(encoder, test, cfg.data.captions_per_image, progress=False)
     print(format_report(report))
     (out / "test_metrics.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
 

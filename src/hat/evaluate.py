@@ -15,34 +15,30 @@ those of a single process. Every process returns the same report.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from hat import distributed
-from hat.align import scoring_dtype
-from hat.config import ModelConfig, RetrievalConfig
-from hat.data import CaptionTokenizer, ImageDataset, ImageRecord, build_transform, image_collate
+from hat.config import RetrievalConfig
+from hat.encoder import Encoder
+from hat.features import ImageFeatures, Scores, TextFeatures
 from hat.metrics import fold_metrics, retrieval_metrics
-from hat.model import HAT, ImageFeatures, Scores, TextFeatures, similarity
 from hat.search import TwoStageScores, two_stage_similarity
+
+if TYPE_CHECKING:
+    from hat.data import ImageRecord
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "caption_batches",
-    "image_batches",
     "EvalReport",
     "encode_and_score",
     "ensemble_report",
-    "encode_captions",
-    "encode_images",
     "evaluate",
     "format_report",
-    "score_all",
     "two_stage_metrics",
 ]
 
@@ -84,182 +80,42 @@ class EvalReport:
         }
 
 
-def image_batches(
-    model: HAT,
-    records: Sequence[ImageRecord],
-    batch_size: int,
-    device: torch.device,
-    num_workers: int = 0,
-    progress: bool = True,
-) -> Iterator[torch.Tensor]:
-    """The records' images in order, evaluation transform applied, as ``(B, 3, H, W)``
-    batches on ``device``."""
-    loader = DataLoader(
-        ImageDataset(records, build_transform(model.config.image, train=False)),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=image_collate,
-    )
-    for batch in tqdm(loader, desc="encode images", disable=not progress, leave=False):
-        yield batch["images"].to(device)
-
-
-def caption_batches(
-    captions: Sequence[str],
-    tokenizer: CaptionTokenizer,
-    batch_size: int,
-    device: torch.device,
-    progress: bool = True,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The captions in order as ``(B, L)`` token ids and attention masks on ``device``."""
-    starts = range(0, len(captions), batch_size)
-    for start in tqdm(starts, desc="encode captions", disable=not progress, leave=False):
-        batch = tokenizer(list(captions[start : start + batch_size]))
-        yield batch["input_ids"].to(device), batch["attention_mask"].to(device)
-
-
-@torch.no_grad()
-def encode_images(
-    model: HAT,
-    records: Sequence[ImageRecord],
-    batch_size: int,
-    device: torch.device,
-    num_workers: int = 0,
-    storage_dtype: torch.dtype = torch.float32,
-    progress: bool = True,
-) -> ImageFeatures:
-    """Per-level tokens of every image, encoded once, kept on the CPU in ``storage_dtype``."""
-    parts = []
-    for images in image_batches(model, records, batch_size, device, num_workers, progress):
-        parts.append(model.encode_image(images).to(device="cpu", dtype=storage_dtype))
-    return ImageFeatures.cat(parts)
-
-
-@torch.no_grad()
-def encode_captions(
-    model: HAT,
-    captions: Sequence[str],
-    tokenizer: CaptionTokenizer,
-    batch_size: int,
-    device: torch.device,
-    storage_dtype: torch.dtype = torch.float32,
-    progress: bool = True,
-) -> TextFeatures:
-    """Per-level tokens and lengths of every caption, encoded once, on the CPU."""
-    parts = []
-    for input_ids, mask in caption_batches(captions, tokenizer, batch_size, device, progress):
-        parts.append(model.encode_text(input_ids, mask).to(device="cpu", dtype=storage_dtype))
-    return TextFeatures.cat(parts)
-
-
-@torch.no_grad()
-def score_all(
-    model_cfg: ModelConfig,
-    images: ImageFeatures,
-    captions: TextFeatures,
-    device: torch.device,
-    retrieval: RetrievalConfig = RetrievalConfig(),
-) -> Scores:
-    """All-pairs scores ``(K, N, M)`` and ``(N, M)`` under ``model_cfg``'s alignment,
-    results on the CPU.
-
-    Captions go to ``device`` once; images one block of ``retrieval.image_block`` at a
-    time, each cast to the compute dtype there.
-    """
-    dtype = scoring_dtype(retrieval.compute_dtype, device)
-    caps = captions.to(device=device, dtype=dtype)
-    step = retrieval.image_block
-    parts = [
-        similarity(
-            images[i : i + step].to(device=device, dtype=dtype), caps, model_cfg
-        ).levels.cpu()
-        for i in range(0, len(images), step)
-    ]
-    levels = torch.cat(parts, dim=1)  # (K, N, M)
-    return Scores(levels=levels, total=levels.sum(dim=0))
-
-
-def _present(parts: list[torch.Tensor | None]) -> list[torch.Tensor]:
-    return [p for p in parts if p is not None]
-
-
-def _gather_images(local: ImageFeatures | None, num_levels: int) -> ImageFeatures:
-    """Every process's image features (``None``: an empty shard), concatenated in rank order."""
-    levels = [
-        torch.cat(_present(distributed.gather_tensors(local.levels[k] if local else None)))
-        for k in range(num_levels)
-    ]  # (N, R_k, d) each
-    glob = distributed.gather_tensors(local.global_embedding if local else None)
-    return ImageFeatures(levels, torch.cat(_present(glob)))  # global (N, g)
-
-
-def _gather_captions(local: TextFeatures | None, num_levels: int) -> TextFeatures:
-    """Every process's caption features (``None``: an empty shard), concatenated in rank
-    order and zero-padded to the longest caption, as :meth:`TextFeatures.cat` does."""
-    levels = [
-        distributed.gather_tensors(local.levels[k] if local else None) for k in range(num_levels)
-    ]  # per level, per process (M_p, L_p, d)
-    lengths = distributed.gather_tensors(local.lengths if local else None)  # (M_p,) each
-    glob = distributed.gather_tensors(local.global_embedding if local else None)  # (M_p, g) each
-    parts = [
-        TextFeatures([per_level[p] for per_level in levels], lengths[p], glob[p])
-        for p in range(len(lengths))
-        if lengths[p] is not None
-    ]
-    return TextFeatures.cat(parts)
-
-
 def encode_and_score(
-    model: HAT,
+    encoder: Encoder,
     records: Sequence[ImageRecord],
     captions: Sequence[str],
-    tokenizer: CaptionTokenizer,
     batch_size: int,
-    device: torch.device,
     num_workers: int,
-    storage: torch.dtype,
     retrieval: RetrievalConfig,
     progress: bool,
 ) -> tuple[ImageFeatures, TextFeatures, Scores]:
-    """:func:`encode_images`, :func:`encode_captions` and :func:`score_all` of ``records``
-    and ``captions``; in a process group shared out at the batches and blocks a single
-    process uses, then gathered, so that every process gets a single process's result.
+    """Encode ``records`` and ``captions`` once (:meth:`Encoder.encode_images`,
+    :meth:`Encoder.encode_captions`) and score every pair (:meth:`Scorer.all_pairs`);
+    in a process group each process scores a run of whole image blocks (the blocks
+    one process uses) and the scores are gathered, so that every process gets a
+    single process's result.
 
     Returns:
         image features (``N``), caption features (``M``) and scores ``(K, N, M)``, on the CPU.
     """
+    storage = getattr(torch, retrieval.storage_dtype)
+    img = encoder.encode_images(records, batch_size, num_workers, storage, progress)
+    txt = encoder.encode_captions(captions, batch_size, storage, progress)
+    scorer = encoder.scorer(retrieval)
+    cpu = torch.device("cpu")
     if not distributed.is_distributed():
-        img = encode_images(model, records, batch_size, device, num_workers, storage, progress)
-        txt = encode_captions(model, captions, tokenizer, batch_size, device, storage, progress)
-        return img, txt, score_all(model.config, img, txt, device, retrieval)
+        return img, txt, scorer.all_pairs(img, txt, out=cpu)
     me, world = distributed.rank(), distributed.world_size()
-    levels = model.num_levels
-    lo, hi = distributed.shard_bounds(len(records), batch_size, me, world)
-    my_images = (
-        encode_images(model, records[lo:hi], batch_size, device, num_workers, storage, progress)
-        if hi > lo
-        else None
-    )
-    img = _gather_images(my_images, levels)
-    lo, hi = distributed.shard_bounds(len(captions), batch_size, me, world)
-    my_captions = (
-        encode_captions(model, captions[lo:hi], tokenizer, batch_size, device, storage, progress)
-        if hi > lo
-        else None
-    )
-    txt = _gather_captions(my_captions, levels)
-    lo, hi = distributed.shard_bounds(len(img), retrieval.image_block, me, world)
-    block = score_all(model.config, img[lo:hi], txt, device, retrieval) if hi > lo else None
+    lo, hi = distributed.shard_bounds(len(img), scorer.images_per_block(img), me, world)
+    block = scorer.all_pairs(img[lo:hi], txt, out=cpu) if hi > lo else None
     parts = distributed.gather_tensors(block.levels if block else None)  # (K, N_p, M) each
-    scored = torch.cat(_present(parts), dim=1)  # (K, N, M)
+    scored = torch.cat([p for p in parts if p is not None], dim=1)  # (K, N, M)
     return img, txt, Scores(levels=scored, total=scored.sum(dim=0))
 
 
 def evaluate(
-    model: HAT,
+    encoder: Encoder,
     records: Sequence[ImageRecord],
-    tokenizer: CaptionTokenizer,
-    device: torch.device,
     captions_per_image: int = 5,
     batch_size: int = 64,
     num_workers: int = 0,
@@ -267,7 +123,8 @@ def evaluate(
     retrieval: RetrievalConfig = RetrievalConfig(),
     progress: bool = True,
 ) -> EvalReport:
-    """Retrieval metrics of ``model`` on ``records`` for each level alone and for HAT's sum.
+    """Retrieval metrics of ``encoder``'s model on ``records`` for each level alone and
+    for HAT's sum.
 
     Each image must have at least ``captions_per_image`` captions; the first ones are
     used (spec section 5). ``folds > 1`` adds the metrics averaged over that many
@@ -286,34 +143,25 @@ def evaluate(
             f"{len(short)} image(s) have fewer than {captions_per_image} captions, "
             f"e.g. {short[:5]}; evaluation needs exactly {captions_per_image} per image"
         )
-    was_training = model.training
-    model.eval()
     progress = progress and distributed.is_main_process()
-    try:
-        captions = [c for r in records for c in r.captions[:captions_per_image]]
-        storage = getattr(torch, retrieval.storage_dtype)
-        img, txt, scores = encode_and_score(
-            model, records, captions, tokenizer, batch_size, device, num_workers, storage,
-            retrieval, progress,
-        )  # fmt: skip
-        two = None
-        if retrieval.shortlist_k > 0:
-            if not model.has_trained_global:
-                log.warning(
-                    "two-stage scores with untrained global heads shortlist at random; "
-                    "fit them with `hat fit-global` first"
-                )  # fmt: skip
-            two = two_stage_similarity(
-                model.config,
-                img,
-                txt,
-                retrieval.shortlist_k,
-                device,
-                retrieval,
-                caption_k=retrieval.shortlist_k * captions_per_image,
-            )
-    finally:
-        model.train(was_training)
+    captions = [c for r in records for c in r.captions[:captions_per_image]]
+    img, txt, scores = encode_and_score(
+        encoder, records, captions, batch_size, num_workers, retrieval, progress
+    )
+    two = None
+    if retrieval.shortlist_k > 0:
+        if not encoder.model.has_trained_global:
+            log.warning(
+                "two-stage scores with untrained global heads shortlist at random; "
+                "fit them with `hat fit-global` first"
+            )  # fmt: skip
+        two = two_stage_similarity(
+            encoder.scorer(retrieval),
+            img,
+            txt,
+            retrieval.shortlist_k,
+            caption_k=retrieval.shortlist_k * captions_per_image,
+        )
     named = {"hat": scores.total, **{f"level{k + 1}": s for k, s in enumerate(scores.levels)}}
     metrics = {name: retrieval_metrics(s, captions_per_image) for name, s in named.items()}
     if two is not None:

@@ -11,27 +11,32 @@ Shape legend: ``W`` shown words, ``L`` valid tokens, ``R = grid * grid`` regions
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from hat.align import attention_maps
-from hat.config import ImageTowerConfig, ModelConfig
-from hat.data import CaptionTokenizer
+from hat.config import ImageTowerConfig
 from hat.data.transforms import eval_geometry
-from hat.model import HAT, ImageFeatures, TextFeatures, similarity
+from hat.encoder import Encoder
+from hat.features import ImageFeatures, TextFeatures
+from hat.scorer import Scorer
+
+if TYPE_CHECKING:
+    from hat.index import Index
 
 __all__ = [
     "Explanation",
     "LevelAttention",
-    "caption_tokens",
     "draw_explanation",
     "explain",
     "explain_features",
+    "explain_indexed",
     "model_view",
     "render_png",
 ]
@@ -109,7 +114,7 @@ def model_view(image: Image.Image, image_cfg: ImageTowerConfig) -> Image.Image:
 
 
 def explain_features(
-    cfg: ModelConfig,
+    scorer: Scorer,
     grids: tuple[int, ...],
     image: ImageFeatures,
     caption: TextFeatures,
@@ -123,15 +128,13 @@ def explain_features(
     ``tokens`` are the caption's ``L`` valid tokens; ``shown`` the positions drawn.
     """
     length = int(caption.lengths[0])
-    scores = similarity(image.to(torch.float32), caption.to(torch.float32), cfg)
+    exact = dataclasses.replace(scorer, device=torch.device("cpu"), compute_dtype="float32")
+    scores = exact.all_pairs(image, caption)
     levels = []
-    for k, level in enumerate(cfg.levels):
+    for k, level in enumerate(scorer.cfg.levels):
         regions = image.levels[k][0].float()  # (R, d)
         words = caption.levels[k][0, :length].float()  # (L, d)
-        if cfg.alignment == "cross_attention":
-            alpha = attention_maps(regions, words, cfg.direction, cfg.lambda_softmax)  # (L, R)
-        else:
-            alpha = torch.full((length, regions.shape[0]), 1.0 / regions.shape[0])
+        alpha = exact.attention_maps(regions, words)  # (L, R)
         grid = grids[k]
         levels.append(
             LevelAttention(
@@ -143,45 +146,44 @@ def explain_features(
             )
         )
     words = [tokens[i] for i in shown]
-    return Explanation(caption_text, words, float(scores.total[0, 0]), cfg.direction, levels, view)
-
-
-def caption_tokens(
-    tokenizer: CaptionTokenizer, caption: str
-) -> tuple[dict[str, Tensor], list[str], list[int]]:
-    """The tokenised caption, its valid tokens and the positions of its non-special ones."""
-    batch = tokenizer([caption])
-    length = int(batch["attention_mask"][0].sum())
-    ids = batch["input_ids"][0, :length].tolist()
-    tokens = tokenizer.tokenizer.convert_ids_to_tokens(ids)
-    special = set(tokenizer.tokenizer.all_special_ids)
-    shown = [i for i, token_id in enumerate(ids) if token_id not in special] or list(range(length))
-    return batch, tokens, shown
-
-
-@torch.no_grad()
-def explain(
-    model: HAT, tokenizer: CaptionTokenizer, image: Image.Image, caption: str
-) -> Explanation:
-    """Encode one image and one caption with ``model`` and explain their score."""
-    from hat.data import build_transform
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        pixels = build_transform(model.config.image, train=False)(image.convert("RGB"))
-        img = model.encode_image(pixels[None].to(device)).to("cpu")
-        batch, tokens, shown = caption_tokens(tokenizer, caption)
-        txt = model.encode_text(
-            batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        ).to("cpu")
-    finally:
-        model.train(was_training)
-    view = model_view(image, model.config.image)
-    return explain_features(
-        model.config, model.image_tower.grid_sizes, img, txt, tokens, shown, caption, view
+    return Explanation(
+        caption_text, words, float(scores.total[0, 0]), scorer.cfg.direction, levels, view
     )
+
+
+def _explain_encoded(
+    encoder: Encoder, grids: tuple[int, ...], image: ImageFeatures, caption: str, view: Image.Image
+) -> Explanation:
+    _, tokens, shown = encoder.caption_tokens(caption)
+    text = encoder.encode_captions([caption], batch_size=1)
+    return explain_features(encoder.scorer(), grids, image, text, tokens, shown, caption, view)
+
+
+def explain(encoder: Encoder, image: Image.Image, caption: str) -> Explanation:
+    """Encode one image and one caption and explain their score."""
+    return _explain_encoded(
+        encoder,
+        encoder.model.image_tower.grid_sizes,
+        encoder.encode_image(image),
+        caption,
+        model_view(image, encoder.config.image),
+    )
+
+
+def explain_indexed(index: Index, image_id: int, caption: str) -> Explanation:
+    """Per-level word-region attention of an indexed image and ``caption``, from the
+    stored features (the image file is read only for display; a grey square when it
+    can no longer be read). :class:`KeyError` for an unknown id."""
+    from hat.data import DataError, load_image
+
+    image = index.image_features(image_id)
+    encoder = index.encoder
+    try:
+        view = model_view(load_image(index.image_path(image_id)), encoder.config.image)
+    except DataError:
+        size = encoder.config.image.image_size
+        view = Image.new("RGB", (size, size), "gray")
+    return _explain_encoded(encoder, index.store.manifest.grids, image, caption, view)
 
 
 def draw_explanation(explanation: Explanation, max_words: int = MAX_WORDS_DRAWN):

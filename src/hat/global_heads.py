@@ -21,10 +21,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hat.config import GlobalFitConfig
-from hat.data import CaptionTokenizer, ImageRecord
-from hat.evaluate import caption_batches, image_batches
+from hat.data import ImageRecord
+from hat.encoder import DEFAULT_BATCH_SIZE, Encoder
 from hat.losses import info_nce_loss
-from hat.model import HAT
 
 __all__ = ["GlobalFitReport", "PooledFeatures", "fit_global_heads", "pooled_features"]
 
@@ -61,44 +60,31 @@ class GlobalFitReport:
         return asdict(self)
 
 
-@torch.no_grad()
 def pooled_features(
-    model: HAT,
+    encoder: Encoder,
     records: Sequence[ImageRecord],
-    tokenizer: CaptionTokenizer,
-    device: torch.device,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     num_workers: int = 0,
     progress: bool = True,
 ) -> PooledFeatures:
     """Encode every image (evaluation transform) and every caption of ``records`` once
     and keep only the pooled tokens, on the CPU in float32."""
-    model.eval()
-    images = [
-        model.pool_image(model.image_tower(batch)).float().cpu()  # (B, d)
-        for batch in image_batches(model, records, batch_size, device, num_workers, progress)
-    ]
+    images = encoder.pooled_images(records, batch_size, num_workers, progress)  # (N, d)
     captions = [c for r in records for c in r.captions]
-    texts = [
-        model.pool_text(model.text_tower(input_ids, mask), mask).float().cpu()  # (B, d)
-        for input_ids, mask in caption_batches(captions, tokenizer, batch_size, device, progress)
-    ]
+    texts = encoder.pooled_captions(captions, batch_size, progress)  # (M, d)
     counts = torch.tensor([len(r.captions) for r in records])  # (N,)
-    return PooledFeatures(
-        torch.cat(images), torch.cat(texts), torch.cumsum(counts, 0) - counts, counts
-    )
+    return PooledFeatures(images, texts, torch.cumsum(counts, 0) - counts, counts)
 
 
 def fit_global_heads(
-    model: HAT,
+    encoder: Encoder,
     records: Sequence[ImageRecord],
-    tokenizer: CaptionTokenizer,
-    device: torch.device,
     cfg: GlobalFitConfig = GlobalFitConfig(),
     progress: bool = True,
 ) -> GlobalFitReport:
-    """Train ``model.image_global`` / ``model.text_global`` in place (see the module
-    docstring) and mark the model's global embeddings as trained."""
+    """Train the encoder model's ``image_global`` / ``text_global`` in place (see the
+    module docstring), on the encoder's device, and mark its global embeddings as
+    trained."""
     empty = [r.image_id for r in records if not r.captions]
     if not records or empty:
         raise ValueError(
@@ -106,9 +92,8 @@ def fit_global_heads(
             + (f"images without captions: {empty[:5]}" if empty else "the split is empty")
         )
     start = time.perf_counter()
-    feats = pooled_features(
-        model, records, tokenizer, device, cfg.encode_batch_size, cfg.num_workers, progress
-    )
+    feats = pooled_features(encoder, records, cfg.encode_batch_size, cfg.num_workers, progress)
+    model, device = encoder.model, encoder.device
     encoded = time.perf_counter()
     heads = [*model.image_global.parameters(), *model.text_global.parameters()]
     optimizer = torch.optim.AdamW(heads, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -9,7 +9,9 @@ from torch import Tensor, nn
 
 from hat import distributed
 from hat.config import ModelConfig
-from hat.model import HAT, ImageFeatures, TextFeatures, similarity
+from hat.features import ImageFeatures, TextFeatures
+from hat.model import HAT
+from hat.scorer import Scorer
 
 __all__ = [
     "TripletLoss",
@@ -145,8 +147,9 @@ def global_batch_scores(
     Returns:
         ``(W*B, W*B)`` summed level scores and ``(W*B, W*B)`` global-embedding cosines.
     """
+    scorer = Scorer.for_training(cfg)
     if not distributed.is_distributed():
-        return similarity(images, captions, cfg).total, HAT.global_similarity(images, captions)
+        return scorer.all_pairs(images, captions).total, HAT.global_similarity(images, captions)
     world, me, b = distributed.world_size(), distributed.rank(), len(images)
     lo, hi = me * b, (me + 1) * b
     longest = distributed.all_reduce_max(captions.levels[0].shape[1])
@@ -162,8 +165,8 @@ def global_batch_scores(
         [distributed.all_gather_with_grad(t.detach())[remote] for t in images.levels],
         image_global[remote].detach(),
     )  # every other process's images: ((W-1)*B, R_k, d) per level
-    rows = similarity(images, everyone, cfg).total  # (B, W*B)
-    cols = similarity(others, captions, cfg).total  # ((W-1)*B, B)
+    rows = scorer.all_pairs(images, everyone).total  # (B, W*B)
+    cols = scorer.all_pairs(others, captions).total  # ((W-1)*B, B)
     table = distributed.all_gather_with_grad(rows.detach())  # (W*B, W*B) constants
     scores = table.clone()
     scores[lo:hi] = rows

@@ -7,118 +7,18 @@ Shape legend: ``N`` images, ``M`` captions, ``R`` regions of a level, ``L`` word
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hat import align
 from hat.config import ModelConfig, get_preset, list_presets
 from hat.encoders import ImageTower, TextTower
 from hat.encoders.common import Projection
+from hat.features import ImageFeatures, Scores, TextFeatures
+from hat.scorer import Scorer
 
-__all__ = [
-    "HAT",
-    "ImageFeatures",
-    "Scores",
-    "TextFeatures",
-    "create_model",
-    "list_models",
-    "grouped_similarity",
-    "similarity",
-]
-
-
-@dataclass
-class ImageFeatures:
-    """Projected image tokens per level.
-
-    Attributes:
-        levels: one ``(N, R_k, d)`` tensor per level (every token is valid).
-        global_embedding: ``(N, g)`` l2-normalised global embedding for shortlisting.
-    """
-
-    levels: list[Tensor]
-    global_embedding: Tensor
-
-    def __len__(self) -> int:
-        return self.levels[0].shape[0]
-
-    def __getitem__(self, index: slice | Tensor) -> ImageFeatures:
-        return ImageFeatures([t[index] for t in self.levels], self.global_embedding[index])
-
-    def to(self, *args, **kwargs) -> ImageFeatures:
-        return ImageFeatures(
-            [t.to(*args, **kwargs) for t in self.levels], self.global_embedding.to(*args, **kwargs)
-        )
-
-    @staticmethod
-    def cat(parts: Sequence[ImageFeatures]) -> ImageFeatures:
-        return ImageFeatures(
-            [torch.cat(ts) for ts in zip(*(p.levels for p in parts))],
-            torch.cat([p.global_embedding for p in parts]),
-        )
-
-
-@dataclass
-class TextFeatures:
-    """Projected caption tokens per level and the captions' lengths.
-
-    Attributes:
-        levels: one ``(M, L, d)`` tensor per level; positions ``>= lengths`` are padding.
-        lengths: ``(M,)`` number of valid tokens, ``[CLS]`` and ``[SEP]`` included.
-        global_embedding: ``(M, g)`` l2-normalised global embedding for shortlisting.
-    """
-
-    levels: list[Tensor]
-    lengths: Tensor
-    global_embedding: Tensor
-
-    def __len__(self) -> int:
-        return self.lengths.shape[0]
-
-    def __getitem__(self, index: slice | Tensor) -> TextFeatures:
-        lengths = self.lengths[index]
-        longest = int(lengths.max()) if lengths.numel() else 0
-        return TextFeatures(
-            [t[index, :longest] for t in self.levels], lengths, self.global_embedding[index]
-        )
-
-    def to(self, *args, **kwargs) -> TextFeatures:
-        """Move/cast the token and global tensors; lengths stay integer on the CPU side's device."""
-        levels = [t.to(*args, **kwargs) for t in self.levels]
-        device = levels[0].device
-        return TextFeatures(
-            levels, self.lengths.to(device), self.global_embedding.to(*args, **kwargs)
-        )
-
-    @staticmethod
-    def cat(parts: Sequence[TextFeatures]) -> TextFeatures:
-        longest = max(p.levels[0].shape[1] for p in parts)
-        levels = [
-            torch.cat([nn.functional.pad(t, (0, 0, 0, longest - t.shape[1])) for t in ts])
-            for ts in zip(*(p.levels for p in parts))
-        ]
-        return TextFeatures(
-            levels,
-            torch.cat([p.lengths for p in parts]),
-            torch.cat([p.global_embedding for p in parts]),
-        )
-
-
-@dataclass
-class Scores:
-    """Alignment scores of every image against every caption.
-
-    Attributes:
-        levels: ``(K, N, M)`` score of each level.
-        total: ``(N, M)`` HAT's score, the plain sum over levels.
-    """
-
-    levels: Tensor
-    total: Tensor
+__all__ = ["HAT", "create_model", "list_models"]
 
 
 class HAT(nn.Module):
@@ -197,11 +97,10 @@ class HAT(nn.Module):
         """Whether the global embeddings are worth shortlisting with (see ``global_trained``)."""
         return bool(self.global_trained)
 
-    def similarity(
-        self, images: ImageFeatures, captions: TextFeatures, block_bytes: int | None = None
-    ) -> Scores:
-        """Per-level and summed scores of all image/caption pairs: ``(K, N, M)`` and ``(N, M)``."""
-        return similarity(images, captions, self.config, block_bytes)
+    def similarity(self, images: ImageFeatures, captions: TextFeatures) -> Scores:
+        """Per-level and summed scores of all image/caption pairs: ``(K, N, M)`` and
+        ``(N, M)``, differentiable, where the features are (:meth:`Scorer.for_training`)."""
+        return Scorer.for_training(self.config).all_pairs(images, captions)
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Scores:
         """Scores of a batch of images against a batch of captions."""
@@ -226,58 +125,6 @@ class HAT(nn.Module):
         for tower, flag in (("image", image), ("text", text)):
             for p in self.backbone_parameters()[tower]:
                 p.requires_grad_(flag)
-
-
-def similarity(
-    images: ImageFeatures,
-    captions: TextFeatures,
-    cfg: ModelConfig,
-    block_bytes: int | None = None,
-) -> Scores:
-    """HAT's scores of all image/caption pairs under ``cfg``'s alignment settings.
-
-    The alignment has no parameters, so scoring needs the config only, not the model.
-    Returns per-level ``(K, N, M)`` and summed ``(N, M)`` scores.
-    """
-    kwargs = {} if block_bytes is None else {"block_bytes": block_bytes}
-
-    def level_score(img: Tensor, cap: Tensor) -> Tensor:
-        if cfg.alignment == "mean_pool":
-            return align.pooled_similarity(img, cap, captions.lengths)
-        return align.similarity(
-            img, cap, captions.lengths, cfg.direction, cfg.lambda_softmax, **kwargs
-        )
-
-    per_level = torch.stack(
-        [level_score(img, cap) for img, cap in zip(images.levels, captions.levels)]
-    )  # (K, N, M)
-    return Scores(levels=per_level, total=per_level.sum(dim=0))
-
-
-def grouped_similarity(
-    image_levels: list[Tensor],
-    caption_levels: list[Tensor],
-    caption_lengths: Tensor,
-    cfg: ModelConfig,
-) -> Tensor:
-    """``(K, Q, A, B)`` per-level scores of ``Q`` groups, each of ``A`` images
-    (``(Q, A, R_k, d)`` per level) against its own ``B`` captions (``(Q, B, L, d)`` per
-    level, lengths ``(Q, B)``): the entries :func:`similarity` gives for those pairs,
-    without the pairs across groups (:func:`hat.align.grouped_similarity`)."""
-
-    def level_score(img: Tensor, cap: Tensor) -> Tensor:
-        if cfg.alignment == "mean_pool":
-            q, a, r, d = img.shape
-            _, b, length, _ = cap.shape
-            image_mean, caption_mean = align.pooled_embeddings(
-                img.reshape(q * a, r, d), cap.reshape(q * b, length, d), caption_lengths.reshape(-1)
-            )
-            return image_mean.view(q, a, d) @ caption_mean.view(q, b, d).transpose(1, 2)
-        return align.grouped_similarity(
-            img, cap, caption_lengths, cfg.direction, cfg.lambda_softmax
-        )  # (Q, A, B)
-
-    return torch.stack([level_score(i, c) for i, c in zip(image_levels, caption_levels)])
 
 
 def list_models() -> list[str]:

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hat.config import ServeConfig
 from hat.data import DataError, load_image
-from hat.explain import render_png
+from hat.explain import explain_indexed, render_png
 from hat.index import Hit, Index, IndexFormatError
 from hat.index.reader import open_image_file
 
@@ -244,7 +244,7 @@ def create_app(index: Index, cfg: ServeConfig = ServeConfig()) -> FastAPI:
         """Each word's attention over the image's regions at every level."""
         _check_query(q, cfg)
         try:
-            explanation = index.explain(image_id, q)
+            explanation = explain_indexed(index, image_id, q)
         except KeyError as err:
             raise HTTPException(404, f"no image with id {image_id}") from err
         if format == "json":

@@ -59,7 +59,8 @@ from hat.data import (
     load_records,
     select_split,
 )
-from hat.evaluate import EvalReport, caption_batches, evaluate
+from hat.encoder import Encoder
+from hat.evaluate import EvalReport, evaluate
 from hat.losses import global_batch_scores, info_nce_loss, positive_mask, triplet_loss
 from hat.metrics import chance_metrics
 from hat.model import HAT, TextFeatures
@@ -263,26 +264,20 @@ class TextCache:
     eval-mode backbone, to float rounding (padding positions differ, and never count).
     """
 
-    def __init__(
-        self,
-        model: HAT,
-        captions: list[str],
-        tokenizer: CaptionTokenizer,
-        device: torch.device,
-        batch_size: int,
-    ) -> None:
+    def __init__(self, encoder: Encoder, captions: list[str], batch_size: int) -> None:
         # Batches of captions of one length: no padding to compute through.
+        model, device = encoder.model, encoder.device
         distinct = sorted(set(captions))
-        lengths = tokenizer(distinct)["attention_mask"].sum(dim=1).tolist()
+        lengths = encoder.tokenizer(distinct)["attention_mask"].sum(dim=1).tolist()
         distinct = [c for _, c in sorted(zip(lengths, distinct))]
-        encoder = model.text_tower.encoder
-        was_training = encoder.training
-        encoder.eval()
+        backbone = model.text_tower.encoder
+        was_training = backbone.training
+        backbone.eval()
         self._rows: dict[tuple[int, ...], int] = {}
         parts: list[list[Tensor]] = [[] for _ in model.config.levels]
         offset = 0
         with torch.no_grad():
-            for ids, mask in caption_batches(distinct, tokenizer, batch_size, device, False):
+            for ids, mask in encoder.caption_batches(distinct, batch_size):
                 hidden = model.text_tower.layer_tokens(ids, mask)  # (B, L, H) per level
                 valid = mask.bool().reshape(-1)  # (B * L,)
                 for k, h in enumerate(hidden):  # keep the valid tokens, row-major
@@ -290,7 +285,7 @@ class TextCache:
                 for row, length in enumerate(mask.sum(dim=1).tolist()):
                     self._rows[tuple(ids[row, :length].tolist())] = offset
                     offset += length
-        encoder.train(was_training)
+        backbone.train(was_training)
         width = parts[0][0].shape[1]
         zero = torch.zeros(1, width)  # the row that padding positions read
         self.levels = [torch.cat([*p, zero]) for p in parts]  # (T + 1, H) each
@@ -519,6 +514,7 @@ class Trainer:
         self.model = HAT(cfg.model, pretrained=True).to(self.device)
         self.model.global_trained.fill_(cfg.train.global_loss_weight > 0)
         self.tokenizer = CaptionTokenizer.from_config(cfg.model.text)
+        self.encoder = Encoder(self.model, self.device, self.tokenizer)
         spread = cfg.train.global_batch_loss and distributed.is_distributed()
         if cfg.train.level_loss_weight > 0 and spread:
             raise ConfigError(
@@ -589,7 +585,7 @@ class Trainer:
             )
         start = time.perf_counter()
         captions = [c for r in self.train_records for c in r.captions]
-        cache = TextCache(self.model, captions, self.tokenizer, self.device, t.eval_batch_size)
+        cache = TextCache(self.encoder, captions, t.eval_batch_size)
         log.info(
             "text cache: %d captions, %.1f MiB, %.1f s",
             len(cache), cache.nbytes() / 2**20, time.perf_counter() - start,
@@ -900,10 +896,8 @@ class Trainer:
     def validate(self) -> EvalReport:
         """The validation split through the same :func:`~hat.evaluate.evaluate` as the test."""
         return evaluate(
-            self.model,
+            self.encoder,
             self.val_records,
-            self.tokenizer,
-            self.device,
             captions_per_image=self.cfg.data.captions_per_image,
             batch_size=self.cfg.train.eval_batch_size,
             num_workers=self.cfg.data.num_workers,

@@ -1,0 +1,278 @@
+"""One Encoder: a model with its tokenizer, evaluation transform and device.
+
+Evaluation, the index (build and search), fitting the global heads, explanations
+and the server all turn images and captions into features through an
+:class:`Encoder`, so the tokenizer and the evaluation transform are built in one
+place, next to the model they belong to::
+
+    encoder = hat.Encoder.load("runs/demo/model")           # or Encoder(model, device)
+    images = encoder.encode_images(records)                 # ImageFeatures, on the CPU
+    captions = encoder.encode_captions(["a red circle"])    # TextFeatures
+    scores = encoder.scorer().all_pairs(images, captions)   # Scores (K, N, M), (N, M)
+
+Under ``torchrun`` :meth:`Encoder.encode_images` and :meth:`Encoder.encode_captions`
+share the work: each process encodes a run of whole batches (the batches one
+process would use) and every process gets all features, in order.
+
+Shape legend: ``N`` images, ``M`` captions, ``B`` batch, ``L`` words, ``d`` joint width.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from hat import distributed
+from hat.config import ModelConfig, RetrievalConfig
+from hat.features import ImageFeatures, TextFeatures
+from hat.scorer import Scorer
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from hat.data import CaptionTokenizer, ImageRecord
+    from hat.model import HAT
+
+__all__ = ["Encoder", "load_any_model"]
+
+DEFAULT_BATCH_SIZE = 64
+
+
+class Encoder:
+    """A :class:`~hat.model.HAT` in evaluation mode on ``device`` with the caption
+    tokenizer of its text tower and the evaluation transform of its image tower.
+
+    Every ``encode_*`` method runs without gradients, with the model in evaluation mode
+    (its mode is restored after), and returns features on the CPU.
+    """
+
+    def __init__(
+        self,
+        model: HAT,
+        device: str | torch.device = "cpu",
+        tokenizer: CaptionTokenizer | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self._tokenizer = tokenizer
+        self._transform: Callable | None = None
+
+    @classmethod
+    def load(cls, source: str | os.PathLike | HAT, device: str | torch.device = "cpu") -> Encoder:
+        """An encoder for a model directory, a run or checkpoint (its best model), or a
+        loaded model (see :func:`hat.checkpoint.resolve_model`)."""
+        return cls(load_any_model(source), device)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def tokenizer(self) -> CaptionTokenizer:
+        """The caption tokenizer of the model's text tower (built at first use)."""
+        if self._tokenizer is None:
+            from hat.data import CaptionTokenizer
+
+            self._tokenizer = CaptionTokenizer.from_config(self.config.text)
+        return self._tokenizer
+
+    @property
+    def transform(self) -> Callable:
+        """PIL image -> ``(3, H, W)`` normalised tensor: the evaluation transform."""
+        if self._transform is None:
+            from hat.data import build_transform
+
+            self._transform = build_transform(self.config.image, train=False)
+        return self._transform
+
+    def scorer(self, retrieval: RetrievalConfig = RetrievalConfig()) -> Scorer:
+        """The :class:`~hat.scorer.Scorer` of this model on this device."""
+        return Scorer(
+            self.config, self.device, retrieval.compute_dtype, int(retrieval.block_mb * 2**20)
+        )
+
+    # -- batches ----------------------------------------------------------------------
+    def image_batches(
+        self,
+        records: Sequence[ImageRecord],
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        num_workers: int = 0,
+        progress: bool = False,
+    ) -> Iterator[Tensor]:
+        """The records' images in order, transformed, as ``(B, 3, H, W)`` on the device."""
+        from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
+
+        from hat.data import ImageDataset, image_collate
+
+        loader = DataLoader(
+            ImageDataset(records, self.transform),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=image_collate,
+        )
+        for batch in tqdm(loader, desc="encode images", disable=not progress, leave=False):
+            yield batch["images"].to(self.device)
+
+    def caption_batches(
+        self, captions: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """The captions in order as ``(B, L)`` token ids and attention masks on the device."""
+        from tqdm.auto import tqdm
+
+        starts = range(0, len(captions), batch_size)
+        for start in tqdm(starts, desc="encode captions", disable=not progress, leave=False):
+            batch = self.tokenizer(list(captions[start : start + batch_size]))
+            yield batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    # -- features ---------------------------------------------------------------------
+    @contextmanager
+    def _inference(self) -> Iterator[None]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.model.train(was_training)
+
+    def encode_pixels(self, pixels: Tensor) -> ImageFeatures:
+        """Features of one batch of transformed images ``(B, 3, H, W)``."""
+        with self._inference():
+            return self.model.encode_image(pixels.to(self.device)).to("cpu")
+
+    def encode_image(self, image: Image.Image) -> ImageFeatures:
+        """Features of one PIL image (one row)."""
+        return self.encode_pixels(self.transform(image.convert("RGB"))[None])
+
+    def encode_images(
+        self,
+        records: Sequence[ImageRecord],
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        num_workers: int = 0,
+        storage_dtype: torch.dtype = torch.float32,
+        progress: bool = False,
+    ) -> ImageFeatures:
+        """Per-level tokens and global embeddings of every record's image, in order, on
+        the CPU in ``storage_dtype``; shared out under ``torchrun``."""
+
+        def encode(part: Sequence[ImageRecord]) -> ImageFeatures:
+            batches = self.image_batches(part, batch_size, num_workers, progress)
+            return ImageFeatures.cat(
+                [self.model.encode_image(b).to("cpu", storage_dtype) for b in batches]
+            )
+
+        with self._inference():
+            return _shared(records, batch_size, encode, _gather_images, self.config)
+
+    def encode_captions(
+        self,
+        captions: Sequence[str],
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        storage_dtype: torch.dtype = torch.float32,
+        progress: bool = False,
+    ) -> TextFeatures:
+        """Per-level tokens, lengths and global embeddings of every caption, in order, on
+        the CPU in ``storage_dtype``; shared out under ``torchrun``."""
+
+        def encode(part: Sequence[str]) -> TextFeatures:
+            batches = self.caption_batches(part, batch_size, progress)
+            return TextFeatures.cat(
+                [self.model.encode_text(i, m).to("cpu", storage_dtype) for i, m in batches]
+            )
+
+        with self._inference():
+            return _shared(captions, batch_size, encode, _gather_captions, self.config)
+
+    def pooled_images(
+        self,
+        records: Sequence[ImageRecord],
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        num_workers: int = 0,
+        progress: bool = False,
+    ) -> Tensor:
+        """``(N, d)`` pooled tokens of level ``global_level`` (the global head's input)."""
+        batches = self.image_batches(records, batch_size, num_workers, progress)
+        with self._inference():
+            return torch.cat(
+                [self.model.pool_image(self.model.image_tower(b)).float().cpu() for b in batches]
+            )
+
+    def pooled_captions(
+        self, captions: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False
+    ) -> Tensor:
+        """``(M, d)`` pooled tokens of level ``global_level`` of every caption."""
+        batches = self.caption_batches(captions, batch_size, progress)
+        with self._inference():
+            return torch.cat(
+                [
+                    self.model.pool_text(self.model.text_tower(i, m), m).float().cpu()
+                    for i, m in batches
+                ]
+            )
+
+    def caption_tokens(self, caption: str) -> tuple[dict[str, Tensor], list[str], list[int]]:
+        """One tokenised caption, its valid tokens as strings and the positions of its
+        non-special tokens (every position when all are special)."""
+        batch = self.tokenizer([caption])
+        length = int(batch["attention_mask"][0].sum())
+        ids = batch["input_ids"][0, :length].tolist()
+        tokens = self.tokenizer.tokenizer.convert_ids_to_tokens(ids)
+        special = set(self.tokenizer.tokenizer.all_special_ids)
+        shown = [i for i, token_id in enumerate(ids) if token_id not in special]
+        return batch, tokens, shown or list(range(length))
+
+
+def load_any_model(source: str | os.PathLike | HAT) -> HAT:
+    """``source`` itself when it is a loaded model, else the model at that path
+    (:func:`hat.checkpoint.resolve_model`)."""
+    from hat.checkpoint import resolve_model
+    from hat.model import HAT
+
+    return source if isinstance(source, HAT) else resolve_model(source)
+
+
+def _shared(items: Sequence, batch_size: int, encode: Callable, gather: Callable, cfg):
+    """``encode(items)``, or under ``torchrun`` each process's run of whole batches
+    encoded and ``gather``-ed in rank order, so every process gets one process's result."""
+    if not distributed.is_distributed():
+        return encode(items)
+    lo, hi = distributed.shard_bounds(
+        len(items), batch_size, distributed.rank(), distributed.world_size()
+    )
+    return gather(encode(items[lo:hi]) if hi > lo else None, len(cfg.levels))
+
+
+def _present(parts: list[Tensor | None]) -> list[Tensor]:
+    return [p for p in parts if p is not None]
+
+
+def _gather_images(local: ImageFeatures | None, num_levels: int) -> ImageFeatures:
+    """Every process's image features (``None``: an empty shard), concatenated in rank order."""
+    levels = [
+        torch.cat(_present(distributed.gather_tensors(local.levels[k] if local else None)))
+        for k in range(num_levels)
+    ]  # (N, R_k, d) each
+    glob = distributed.gather_tensors(local.global_embedding if local else None)
+    return ImageFeatures(levels, torch.cat(_present(glob)))  # global (N, g)
+
+
+def _gather_captions(local: TextFeatures | None, num_levels: int) -> TextFeatures:
+    """Every process's caption features (``None``: an empty shard), concatenated in rank
+    order and zero-padded to the longest caption, as :meth:`TextFeatures.cat` does."""
+    levels = [
+        distributed.gather_tensors(local.levels[k] if local else None) for k in range(num_levels)
+    ]  # per level, per process (M_p, L_p, d)
+    lengths = distributed.gather_tensors(local.lengths if local else None)  # (M_p,) each
+    glob = distributed.gather_tensors(local.global_embedding if local else None)  # (M_p, g) each
+    parts = [
+        TextFeatures([per_level[p] for per_level in levels], lengths[p], glob[p])
+        for p in range(len(lengths))
+        if lengths[p] is not None
+    ]
+    return TextFeatures.cat(parts)
