@@ -110,7 +110,7 @@ def large_collection(work: Path, model_dir: Path, cfg: IndexConfig, n: int, quer
                 index.store.commit_images(rows, SegmentArrays(levels, glob))
             index._rebuild_faiss("image")
         took = time.perf_counter() - start
-        kind = type(index._snapshot("image").faiss).__name__
+        kind = type(index.gallery("image").faiss).__name__
         sizes = level_bytes(root, len(manifest.tokens))
         print(
             f"\n== {n} images, synthetic features (write only: {took:.1f} s); global index {kind}"
