@@ -47,7 +47,15 @@ from hat.checkpoint import (
     restore_rng_state,
     save_training_checkpoint,
 )
-from hat.config import ConfigError, ExperimentConfig, TrainConfig, config_to_dict, save_config
+from hat.config import (
+    DEVICE_AUTO,
+    ConfigError,
+    ExperimentConfig,
+    TrainConfig,
+    config_to_dict,
+    resolve_device,
+    save_config,
+)
 from hat.data import (
     CaptionTokenizer,
     DataError,
@@ -103,14 +111,9 @@ class TrainingInterrupted(RuntimeError):
 
 
 def pick_device(name: str | None = None) -> torch.device:
-    """``name`` when given, else the best available of cuda, mps and cpu."""
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """The device ``name`` names (default and ``auto``: the config's one rule,
+    :func:`hat.config.resolve_device`)."""
+    return torch.device(resolve_device(name or DEVICE_AUTO))
 
 
 def _busy_cores(samples: int = 10, interval_s: float = 0.01) -> int:
