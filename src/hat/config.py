@@ -825,12 +825,15 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 def _read_file(path: Path) -> dict[str, Any]:
     """The mapping a YAML or JSON config file holds."""
+    import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     try:
         data = OmegaConf.to_container(OmegaConf.load(path))
-    except Exception as err:  # OSError, a YAML error, or OmegaConf's own
-        raise ConfigError(f"{path}: cannot read config: {err}") from err
+    except (OSError, yaml.YAMLError, OmegaConfBaseException) as err:
+        reason = " ".join(str(err).split())  # one line, as every error of the command
+        raise ConfigError(f"{path}: cannot read config: {reason}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping")
     return data
