@@ -31,7 +31,7 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from hat.config import DataConfig, RetrievalConfig
+from hat.config import RUN_CONFIG, DataConfig, RetrievalConfig
 
 if typing.TYPE_CHECKING:
     import torch
@@ -95,8 +95,6 @@ def _check_address(host: str, port: int) -> None:
 
 # The dest prefix of a shorthand flag: ``--port`` sets ``config:serve.port``.
 SHORTHAND = "config:"
-# The config file of a run folder, which ``hat train --resume`` continues.
-RUN_CONFIG = "config.yaml"
 
 
 def _is_override(item: str, sections: Sequence[str]) -> bool:
@@ -108,7 +106,7 @@ def _is_override(item: str, sections: Sequence[str]) -> bool:
 
 def _config(args: argparse.Namespace):
     """The command's config: preset or file, overrides, then shorthand flags."""
-    from hat.config import build_config
+    from hat.config import build_config, resolve_device
 
     path = args.config
     if getattr(args, "resume", False):
@@ -123,7 +121,9 @@ def _config(args: argparse.Namespace):
         for key, value in vars(args).items()
         if key.startswith(SHORTHAND)
     }
-    return build_config(path, args.preset, args.overrides, shorthands)
+    cfg = build_config(path, args.preset, args.overrides, shorthands)
+    resolve_device(cfg.device)  # a device torch does not know is refused by every command
+    return cfg
 
 
 def _device(cfg) -> torch.device:
@@ -163,7 +163,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     run = _output_folder(args.run, "--run")
     cfg = args.cfg
     try:
-        summary = Trainer(cfg, run, device=str(_device(cfg)), resume=args.resume).fit()
+        summary = Trainer(cfg, run, resume=args.resume).fit()  # on cfg.device
         if distributed.is_main_process():
             print(json.dumps(summary, indent=2))
     except TrainingInterrupted as stop:

@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_PRESET",
     "DEVICE_AUTO",
+    "RUN_CONFIG",
     "SELECTABLE_METRICS",
     "ConfigError",
     "DataConfig",
@@ -95,6 +96,8 @@ class FieldRangeError(ConfigError):
 _SEED = {"ge": 0, "le": 2**31 - 1}
 # What a command starts from without --preset or --config.
 DEFAULT_PRESET = "cpu"
+# The config file of a run folder: written by training, continued by --resume.
+RUN_CONFIG = "config.yaml"
 # The device of every command unless told: cuda, else mps, else cpu (resolve_device).
 DEVICE_AUTO = "auto"
 # The one pixel limit (width * height) of every image read: the loader's default and

@@ -67,7 +67,7 @@ def run_demo(out: str | Path, cfg: ExperimentConfig | None = None) -> dict:
     print(
         f"[2/4] training the {cfg.model.name} preset in {run}" + (" (resuming)" if resume else "")
     )
-    Trainer(cfg, run, device=str(dev), resume=resume).fit()
+    Trainer(cfg, run, resume=resume).fit()  # on cfg.device
 
     model = resolve_model(run, "best").to(dev)
     tokenizer = CaptionTokenizer.from_config(model.config.text)

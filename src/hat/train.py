@@ -49,6 +49,7 @@ from hat.checkpoint import (
 )
 from hat.config import (
     DEVICE_AUTO,
+    RUN_CONFIG,
     ConfigError,
     ExperimentConfig,
     TrainConfig,
@@ -467,7 +468,8 @@ class Trainer:
 
     ``resume=True`` loads ``run_dir/checkpoints/latest.pt`` and continues exactly
     where it stopped; ``cfg`` must then be the run's config (``run_dir/config.yaml``),
-    possibly with more epochs.
+    possibly with more epochs. ``device`` (default: ``cfg.device``) follows the config's
+    one rule (:func:`hat.config.resolve_device`).
 
     Under ``torchrun`` the Trainer joins the process group itself
     (:func:`hat.distributed.init_from_env`; leave it with
@@ -487,7 +489,7 @@ class Trainer:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.device = distributed.init_from_env(pick_device(device))
+        self.device = distributed.init_from_env(pick_device(device or cfg.device))
         self.is_main = distributed.is_main_process()
         self.progress = progress and self.is_main
         latest = self.ckpt_dir / "latest.pt"
@@ -510,7 +512,7 @@ class Trainer:
             self.load_state(checkpoint)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(cfg, self.run_dir / RUN_CONFIG)
 
     def _setup(self) -> None:
         cfg = self.cfg
