@@ -498,11 +498,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``hat`` command."""
     parser = argparse.ArgumentParser(prog="hat", description="HAT image-text retrieval")
     sub = parser.add_subparsers(dest="command", required=True)
+    commands: list[argparse.ArgumentParser] = []
+
+    def command(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        commands.append(_with_config(p))
+        return p
 
     data = sub.add_parser("data", help="datasets").add_subparsers(
         dest="data_command", required=True
     )
-    synth = _with_config(data.add_parser("synth", help="generate the built-in captioned scenes"))
+    synth = command(data.add_parser("synth", help="generate the built-in captioned scenes"))
     synth.add_argument("out", help="output folder")
     synth.add_argument("--train", type=int, default=1200, help="training images")
     synth.add_argument("--val", type=int, default=100, help="validation images")
@@ -516,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     synth.set_defaults(func=_cmd_data_synth)
 
-    train = _with_config(sub.add_parser("train", help="train a model"))
+    train = command(sub.add_parser("train", help="train a model"))
     train.add_argument("--run", default="runs/train", help="run folder")
     train.add_argument(
         "--resume", action="store_true",
@@ -524,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     train.set_defaults(func=_cmd_train)
 
-    ev = _with_config(sub.add_parser(
+    ev = command(sub.add_parser(
         "evaluate",
         help="retrieval metrics of a model (or of an ensemble of models) on a split",
         description="Recall per level and for HAT's sum. Several models: each is reported "
@@ -553,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="also write the report as JSON here")
     ev.set_defaults(func=_cmd_evaluate)
 
-    fit = _with_config(sub.add_parser(
+    fit = command(sub.add_parser(
         "fit-global",
         help="fit the global-embedding heads (two-stage search) of a trained model, towers "
         "frozen (the fit section: fit.epochs=20 fit.batch_size=256)",
@@ -565,15 +570,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--split", default="train")
     fit.set_defaults(func=_cmd_fit_global)
 
-    export = _with_config(
-        sub.add_parser("export", help="write a run's checkpoint as a model directory")
-    )
+    export = command(sub.add_parser("export", help="write a run's checkpoint as a model directory"))
     export.add_argument("run", help="run folder or training checkpoint")
     export.add_argument("--out", required=True)
     export.add_argument("--which", default="best", choices=["best", "latest"])
     export.set_defaults(func=_cmd_export)
 
-    imp = _with_config(
+    imp = command(
         sub.add_parser("import-checkpoint", help="import an official HAT release checkpoint")
     )
     imp.add_argument("checkpoint", help="the authors' .ckpt file")
@@ -584,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     imp.set_defaults(func=_cmd_import)
 
-    demo = _with_config(sub.add_parser("demo", help="the built-in demo, offline on a CPU"))
+    demo = command(sub.add_parser("demo", help="the built-in demo, offline on a CPU"))
     demo.add_argument("--out", default="runs/demo")
     demo.set_defaults(func=_cmd_demo)
 
@@ -595,9 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     index = sub.add_parser("index", help="index a collection of images").add_subparsers(
         dest="index_command", required=True
     )
-    build = _with_config(
-        index.add_parser("build", help="create an index of image files and folders")
-    )
+    build = command(index.add_parser("build", help="create an index of image files and folders"))
     build.add_argument("model", help="model directory, run folder or training checkpoint")
     build.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     build.add_argument("--out", required=True, help="new index folder")
@@ -606,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     indexing(build)
     build.set_defaults(func=_cmd_index_build)
-    add = _with_config(index.add_parser("add", help="index new or changed files (and captions)"))
+    add = command(index.add_parser("add", help="index new or changed files (and captions)"))
     add.add_argument("index", help="index folder")
     add.add_argument("images", nargs="*", help="image files or folders")
     add.add_argument(
@@ -615,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--model", help="model to encode with (default: the one the index names)")
     indexing(add)
     add.set_defaults(func=_cmd_index_add)
-    remove = _with_config(
+    remove = command(
         index.add_parser("remove", help="remove images (files or whole folders), captions")
     )
     remove.add_argument("index", help="index folder")
@@ -628,10 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     which.add_argument("--all-captions", action="store_true", help="forget every caption")
     remove.set_defaults(func=_cmd_index_remove)
-    info = _with_config(index.add_parser("info", help="what an index holds"))
+    info = command(index.add_parser("info", help="what an index holds"))
     info.add_argument("index", help="index folder")
     info.set_defaults(func=_cmd_index_info)
-    verify = _with_config(index.add_parser(
+    verify = command(index.add_parser(
         "verify", help="check every file against its checksum (exit 1 if damaged)"
     ))  # fmt: skip
     verify.add_argument("index", help="index folder")
@@ -642,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     verify.set_defaults(func=_cmd_index_verify)
 
-    search = _with_config(sub.add_parser("search", help="search an index by text or by image"))
+    search = command(sub.add_parser("search", help="search an index by text or by image"))
     search.add_argument("index", help="index folder")
     search.add_argument("query", nargs="?", help="text query")
     search.add_argument("--image", help="query image: finds captions, or images if none")
@@ -653,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--model", help="model to use (default: the one the index names)")
     search.set_defaults(func=_cmd_search)
 
-    expl = _with_config(
+    expl = command(
         sub.add_parser("explain", help="draw which regions each word matched, per level")
     )
     expl.add_argument("model", help="model directory, run folder or training checkpoint")
@@ -663,16 +664,21 @@ def build_parser() -> argparse.ArgumentParser:
     expl.add_argument("--json", help="also write the attention weights as JSON here")
     expl.set_defaults(func=_cmd_explain)
 
-    srv = _with_config(
-        sub.add_parser("serve", help="the web app over an index (the serve section)")
-    )
+    srv = command(sub.add_parser("serve", help="the web app over an index (the serve section)"))
     srv.add_argument("index", help="index folder")
-    _shorthand(srv, "--host", "serve.host", "address to bind (127.0.0.1: this machine only)")
+    _shorthand(
+        srv,
+        "--host",
+        "serve.host",
+        "address to bind (the default, loopback, serves this machine only)",
+    )
     _shorthand(srv, "--port", "serve.port", "port", type=int)
     _shorthand(srv, "--token", "serve.token",
                f"require 'Authorization: Bearer TOKEN' (or set {TOKEN_VARIABLE})")  # fmt: skip
     srv.add_argument("--model", help="model to use (default: the one the index names)")
     srv.set_defaults(func=_cmd_serve)
+    for p in commands:  # every argument is known now: the usage line ends with the overrides
+        p.usage = f"{p.format_usage().removeprefix('usage: ').rstrip()} [KEY=VALUE ...]"
     return parser
 
 
