@@ -22,9 +22,6 @@ from hat.config import (
     ConfigError,
     ExperimentConfig,
     FieldRangeError,
-    GlobalFitConfig,
-    IndexConfig,
-    ServeConfig,
     Valid,
     apply_overrides,
     config_from_dict,
@@ -59,6 +56,12 @@ def _a_json_file(tmp_path: Path) -> str:
     return str(path)
 
 
+def _a_config(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
 class _Foreign:
     """Something no training checkpoint holds."""
 
@@ -79,8 +82,8 @@ CASES: list[tuple[str, Argv, str]] = [
      "--out {t}/a-file is a file, not a folder"),
     ("index-build-batch-size-0",
      lambda t, c: ["index", "build", str(c["model"]), str(c["images"]), "--out", str(t / "i"),
-                   "--set", "batch_size=0"],
-     "batch_size must be >= 1, got 0"),
+                   "index.batch_size=0"],
+     "index.batch_size must be >= 1, got 0"),
     ("train-batch-size-0",
      lambda t, c: ["train", "--preset", "tiny", "--run", str(t / "run"), "train.batch_size=0"],
      "train.batch_size must be >= 1, got 0"),
@@ -96,15 +99,15 @@ CASES: list[tuple[str, Argv, str]] = [
      "OUT {t}/a-file is a file, not a folder"),
     ("serve-port-out-of-range",
      lambda t, c: ["serve", str(t / "idx"), "--port", "99999"],
-     "port must be >= 1 and <= 65535, got 99999"),
+     "serve.port must be >= 1 and <= 65535, got 99999"),
     # unclear before
     ("index-commit-every-0",
      lambda t, c: ["index", "build", str(c["model"]), str(c["images"]), "--out", str(t / "i"),
-                   "--set", "commit_every=0"],
-     "commit_every must be >= 1, got 0"),
+                   "index.commit_every=0"],
+     "index.commit_every must be >= 1, got 0"),
     ("search-block-0",
-     lambda t, c: ["search", str(t / "idx"), "a red circle", "--set", "shortlist=0"],
-     "shortlist must be >= 1, got 0"),
+     lambda t, c: ["search", str(t / "idx"), "a red circle", "index.shortlist=0"],
+     "index.shortlist must be >= 1, got 0"),
     ("model-levels-empty",
      lambda t, c: ["train", "--preset", "tiny", "--run", str(t / "run"), "model.levels=[]"],
      "model.levels must not be empty"),
@@ -132,6 +135,31 @@ CASES: list[tuple[str, Argv, str]] = [
     ("model-embed-dim-0",
      lambda t, c: ["train", "--preset", "tiny", "--run", str(t / "run"), "model.embed_dim=0"],
      "model.embed_dim must be >= 1, got 0"),
+    # one config surface: shorthand flags, --config and the device rule for every command
+    ("index-build-batch-size-flag-0",
+     lambda t, c: ["index", "build", str(c["model"]), str(c["images"]), "--out", str(t / "i"),
+                   "--batch-size", "0"],
+     "index.batch_size must be >= 1, got 0"),
+    ("search-config-file-out-of-range",
+     lambda t, c: ["search", str(t / "idx"), "a red circle", "--config",
+                   _a_config(t, "index:\n  shortlist: 0\n")],
+     "{t}/c.yaml: index.shortlist must be >= 1, got 0"),
+    ("serve-unknown-key",
+     lambda t, c: ["serve", str(t / "idx"), "serve.max_kk=5"],
+     "unknown field 'serve.max_kk'"),
+    ("search-device-bogus",
+     lambda t, c: ["search", str(t / "idx"), "a red circle", "--device", "bogus"],
+     "device: 'bogus' is not a device"),
+    ("preset-and-config",
+     lambda t, c: ["train", "--preset", "tiny", "--config", _a_config(t, "preset: tiny\n"),
+                   "--run", str(t / "run")],
+     "give --preset or --config, not both"),
+    ("resume-with-a-preset",
+     lambda t, c: ["train", "--run", str(t / "run"), "--resume", "--preset", "tiny"],
+     "--resume continues the config of the run"),
+    ("evaluate-without-data",
+     lambda t, c: ["evaluate", str(c["model"])],
+     "evaluate needs the data: --annotations FILE --image-root DIR"),
 ]  # fmt: skip
 
 
@@ -159,9 +187,16 @@ def test_a_moved_model_can_be_given_with_model(tmp_path, collection, capsys) -> 
     assert [Path(hit["path"]).name for hit in hits] == [Path(image).name]
 
 
+def test_one_override_syntax(tmp_path, collection) -> None:
+    """``--set`` is gone: overrides are ``KEY=VALUE`` for every command."""
+    with pytest.raises(SystemExit) as refused:
+        main(["search", str(tmp_path), "a red circle", "--set", "index.shortlist=3"])
+    assert refused.value.code == 2
+
+
 # -- the config fields -----------------------------------------------------------------
 
-ROOTS = (ExperimentConfig, IndexConfig, ServeConfig, GlobalFitConfig)
+ROOTS = (ExperimentConfig,)  # the one tree: index, serve and fit are its sections
 # Number fields whose range depends on another field: checked in __post_init__.
 RELATION_ONLY = {"ModelConfig.global_level"}
 

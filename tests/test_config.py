@@ -73,3 +73,73 @@ def test_exponent_numbers_without_a_dot_are_numbers() -> None:
     assert apply_overrides(get_preset("cpu"), ["train.lr=2e-3"]).train.lr == 2e-3
     with pytest.raises(ConfigError, match="train.lr"):
         apply_overrides(get_preset("cpu"), ["train.lr=fast"])
+
+
+def test_one_tree_holds_every_command_section() -> None:
+    from hat.config import build_config
+
+    cfg = build_config(
+        preset="tiny",
+        overrides=["index.batch_size=4", "serve.max_k=5", "fit.epochs=2", "device=cpu"],
+        values={"serve.port": 9000, "index.batch_size": 8, "serve.host": None},
+    )
+    assert (cfg.index.batch_size, cfg.serve.max_k, cfg.fit.epochs, cfg.device) == (8, 5, 2, "cpu")
+    assert cfg.serve.port == 9000 and cfg.serve.host == "127.0.0.1"  # None: the config's
+    assert cfg.model == get_preset("tiny").model
+    assert build_config().model == get_preset("cpu").model  # the default preset
+
+
+def test_a_config_file_sets_any_section(tmp_path) -> None:
+    from hat.config import build_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: tiny\nindex:\n  shortlist: 7\nserve:\n  port: 9001\n")
+    cfg = build_config(path, overrides=["index.shortlist=9"])
+    assert (cfg.index.shortlist, cfg.serve.port, cfg.model.name) == (9, 9001, "tiny")
+    with pytest.raises(ConfigError, match="not both"):
+        build_config(path, preset="tiny")
+    path.write_text("index:\n  search_block: 0\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: index\.search_block must be >= 1, got 0"):
+        build_config(path)
+
+
+def test_items_of_a_tuple_of_configs_are_typed() -> None:
+    """OmegaConf leaves merged items of ``tuple[LevelConfig, ...]`` untyped; they are
+    typed before the merge, so unknown keys and missing fields are refused by name."""
+    from hat.config import LevelConfig
+
+    cfg = apply_overrides(get_preset("tiny"), ["model.levels=[{image_stage: 4, text_layer: 3}]"])
+    assert cfg.model.levels == (LevelConfig(image_stage=4, text_layer=3),)
+    with pytest.raises(ConfigError, match=r"unknown field 'model\.levels\[0\]\.text_layerz'"):
+        apply_overrides(get_preset("tiny"), ["model.levels=[{image_stage: 4, text_layerz: 3}]"])
+    with pytest.raises(ConfigError, match=r"model\.levels\[0\]\.text_layer"):
+        apply_overrides(get_preset("tiny"), ["model.levels=[{image_stage: 4}]"])
+
+
+def test_free_mappings_read_back_as_written(tmp_path) -> None:
+    """YAML gives lists; a Swin's ``depths`` read from a file equal the preset's tuple.
+    A mapping merges into the one it overrides, key by key (as in a file)."""
+    tiny = get_preset("tiny")
+    path = tmp_path / "c.yaml"
+    save_config(tiny, path)
+    assert load_config(path).model.image.kwargs == tiny.model.image.kwargs
+    assert isinstance(tiny.model.image.kwargs["depths"], tuple)
+    cfg = apply_overrides(tiny, ["model.image.kwargs={depths: [1, 1, 2, 1]}"])
+    assert cfg.model.image.kwargs == {**tiny.model.image.kwargs, "depths": (1, 1, 2, 1)}
+
+
+def test_one_device_rule(monkeypatch) -> None:
+    import torch
+
+    from hat.config import DEVICE_AUTO, resolve_device
+    from hat.train import pick_device
+
+    assert ExperimentConfig().device == DEVICE_AUTO
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device() == "cuda" and pick_device() == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(DEVICE_AUTO) == "cpu" and pick_device(None) == torch.device("cpu")
+    assert resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(ConfigError, match="'bogus' is not a device"):
+        resolve_device("bogus")

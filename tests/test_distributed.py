@@ -280,7 +280,7 @@ def test_sharded_index_build_equals_one_process(tmp_path: Path, scenes: Path) ->
 
     save_model(HAT(get_preset("tiny").model), tmp_path / "model")
     images = scenes.parent / "images"
-    options = ["--set", "batch_size=2", "commit_every=5"]
+    options = ["index.batch_size=2", "index.commit_every=5"]
     _torchrun("index", "build", str(tmp_path / "model"), str(images),
               "--out", str(tmp_path / "sharded"), *options)  # fmt: skip
     assert main(["index", "build", str(tmp_path / "model"), str(images),

@@ -78,8 +78,8 @@ def test_cli_fit_global_writes_a_new_model(tmp_path, scenes, capsys) -> None:
     save_model(hat.create_model("tiny"), tmp_path / "model")
     args = [
         "fit-global", str(tmp_path / "model"), "--out", str(tmp_path / "fitted"),
-        "--annotations", str(scenes), "--image-root", str(scenes.parent), "--set", "epochs=2",
-        "num_workers=0",
+        "--annotations", str(scenes), "--image-root", str(scenes.parent), "fit.epochs=2",
+        "fit.num_workers=0",
     ]  # fmt: skip
     assert main(args) == 0
     assert load_model(tmp_path / "fitted").has_trained_global

@@ -252,7 +252,7 @@ def test_readers_search_while_a_writer_adds(tmp_path, collection, images_copy):
 def test_cli_build_add_search_remove(tmp_path, collection, images_copy, capsys):
     out = tmp_path / "index"
     args = ["index", "build", str(collection["model"]), str(images_copy), "--out", str(out)]
-    assert main([*args, "--captions", str(collection["captions"]), "--set", "batch_size=4"]) == 0
+    assert main([*args, "--captions", str(collection["captions"]), "index.batch_size=4"]) == 0
     assert f"{SCENES} images, {SCENES} captions" in capsys.readouterr().out
     assert main(["index", "add", str(out), str(images_copy)]) == 0
     assert f"{SCENES} unchanged" in capsys.readouterr().out

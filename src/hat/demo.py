@@ -7,6 +7,7 @@ output folder instead of starting over.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hat.checkpoint import resolve_model, save_model
-from hat.config import apply_overrides, get_preset
+from hat.config import ExperimentConfig, get_preset
 from hat.data import ImageRecord, generate_scenes, load_records, select_split
 from hat.encoder import Encoder
 from hat.evaluate import evaluate, format_report
@@ -45,10 +46,10 @@ def write_captions(path: str | Path, records: Sequence[ImageRecord]) -> Path:
     return path
 
 
-def run_demo(
-    out: str | Path, device: str | None = None, overrides: list[str] | tuple[str, ...] = ()
-) -> dict:
-    """Run the whole demo under ``out``; returns the test metrics of HAT's summed score."""
+def run_demo(out: str | Path, cfg: ExperimentConfig | None = None) -> dict:
+    """Run the whole demo under ``out`` with ``cfg`` (default: the ``cpu`` preset; its
+    data, where it names none, are the scenes generated in ``out``, its ``device`` the
+    one of every step); returns the test metrics of HAT's summed score."""
     out = Path(out)
     data_dir = out / "data"
     annotations = data_dir / "dataset_synth.json"
@@ -57,16 +58,18 @@ def run_demo(
         generate_scenes(data_dir, image_size=SCENE_SIZE)
     else:
         print(f"[1/4] using the scenes in {data_dir}")
-    cfg = apply_overrides(
-        get_preset("cpu"),
-        [f"data.annotations={annotations}", f"data.image_root={data_dir}", *overrides],
-    )
+    cfg = cfg or get_preset("cpu")
+    if cfg.data.annotations is None:
+        data = dataclasses.replace(cfg.data, annotations=str(annotations), image_root=str(data_dir))
+        cfg = dataclasses.replace(cfg, data=data)
+    dev = pick_device(cfg.device)
     run = out / "run"
     resume = (run / "checkpoints" / "latest.pt").is_file()
-    print(f"[2/4] training the cpu preset in {run}" + (" (resuming)" if resume else ""))
-    Trainer(cfg, run, device=device, resume=resume).fit()
+    print(
+        f"[2/4] training the {cfg.model.name} preset in {run}" + (" (resuming)" if resume else "")
+    )
+    Trainer(cfg, run, resume=resume).fit()  # on cfg.device
 
-    dev = pick_device(device)
     encoder = Encoder(resolve_model(run, "best"), dev)
     save_model(encoder.model, out / "model", tokenizer=encoder.tokenizer.tokenizer)
     test = select_split(load_records(cfg.data), "test")
@@ -79,8 +82,8 @@ def run_demo(
     index_dir = out / "index"
     shutil.rmtree(index_dir, ignore_errors=True)  # the model may have changed since
     captions = write_captions(out / "test_captions.jsonl", test)
-    Index.create(index_dir, out / "model").close()
-    with Index.open(index_dir, device=dev, writable=True) as index:
+    Index.create(index_dir, out / "model", cfg.index).close()
+    with Index.open(index_dir, cfg=cfg.index, device=dev, writable=True) as index:
         index.add_images(*[r.path for r in test], progress=False)
         index.add_captions(captions, progress=False)
         step = max(1, len(test) // DEMO_QUERIES)

@@ -139,7 +139,7 @@ async def _read_upload(upload: UploadFile, cfg: ServeConfig) -> Image.Image:
     if width * height > cfg.max_pixels:
         raise HTTPException(413, f"image has {width * height} pixels, limit {cfg.max_pixels}")
     try:
-        return load_image(io.BytesIO(bytes(data)))
+        return load_image(io.BytesIO(bytes(data)), max_pixels=cfg.max_pixels)
     except DataError as err:
         raise HTTPException(415, "the upload is not a readable image") from err
 

@@ -47,7 +47,16 @@ from hat.checkpoint import (
     restore_rng_state,
     save_training_checkpoint,
 )
-from hat.config import ConfigError, ExperimentConfig, TrainConfig, config_to_dict, save_config
+from hat.config import (
+    DEVICE_AUTO,
+    RUN_CONFIG,
+    ConfigError,
+    ExperimentConfig,
+    TrainConfig,
+    config_to_dict,
+    resolve_device,
+    save_config,
+)
 from hat.data import (
     CaptionTokenizer,
     DataError,
@@ -104,14 +113,9 @@ class TrainingInterrupted(RuntimeError):
 
 
 def pick_device(name: str | None = None) -> torch.device:
-    """``name`` when given, else the best available of cuda, mps and cpu."""
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """The device ``name`` names (default and ``auto``: the config's one rule,
+    :func:`hat.config.resolve_device`)."""
+    return torch.device(resolve_device(name or DEVICE_AUTO))
 
 
 def _busy_cores(samples: int = 10, interval_s: float = 0.01) -> int:
@@ -459,7 +463,8 @@ class Trainer:
 
     ``resume=True`` loads ``run_dir/checkpoints/latest.pt`` and continues exactly
     where it stopped; ``cfg`` must then be the run's config (``run_dir/config.yaml``),
-    possibly with more epochs.
+    possibly with more epochs. ``device`` (default: ``cfg.device``) follows the config's
+    one rule (:func:`hat.config.resolve_device`).
 
     Under ``torchrun`` the Trainer joins the process group itself
     (:func:`hat.distributed.init_from_env`; leave it with
@@ -479,7 +484,7 @@ class Trainer:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.device = distributed.init_from_env(pick_device(device))
+        self.device = distributed.init_from_env(pick_device(device or cfg.device))
         self.is_main = distributed.is_main_process()
         self.progress = progress and self.is_main
         latest = self.ckpt_dir / "latest.pt"
@@ -502,7 +507,7 @@ class Trainer:
             self.load_state(checkpoint)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(cfg, self.run_dir / RUN_CONFIG)
 
     def _setup(self) -> None:
         cfg = self.cfg

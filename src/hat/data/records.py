@@ -1,7 +1,17 @@
 """Dataset readers: image records with their captions and split.
 
 Formats: the Karpathy split files of Flickr30K / MSCOCO / Flickr8K (spec section 4),
-and custom data as a folder of images plus a JSONL or CSV captions file. Every bad
+and custom data as a folder of images plus a JSONL or CSV captions file.
+
+The JSONL caption schema (one object a line, parsed by :func:`parse_caption_line`
+for datasets and for ``hat index --captions`` alike)::
+
+    {"image": "rel/path.jpg", "captions": ["a dog", "a brown dog"], "split": "train"}
+
+``"caption": "one caption"`` may stand for a one-caption ``"captions"`` list (one or
+the other, not both); ``split`` is optional (datasets: all lines or none; the index
+ignores it); ``image`` is required by datasets and optional for the index (captions
+without an image); other fields are ignored. Every bad
 input raises :class:`DataError` naming the file and the entry (image index, line
 number, field). With ``skip_bad`` a bad entry is logged and left out instead, and
 the number left out is logged per file; a bad file (missing, UTF-16, not JSON,
@@ -36,11 +46,13 @@ __all__ = [
     "MAX_CAPTION_CHARS",
     "RESTVAL",
     "SPLITS",
+    "CaptionLine",
     "DataError",
     "ImageRecord",
     "clean_caption",
     "json_object",
     "load_records",
+    "parse_caption_line",
     "read_csv",
     "read_jsonl",
     "read_karpathy",
@@ -147,6 +159,46 @@ def json_object(line: str, where: str) -> dict[str, Any]:
     if not isinstance(item, dict):
         raise DataError(f"{where}: expected an object, got {type(item).__name__}")
     return item
+
+
+@dataclass(frozen=True)
+class CaptionLine:
+    """One object of the JSONL caption schema (module docstring).
+
+    Attributes:
+        image: the ``image`` path as written, or ``None`` when absent or empty.
+        captions: the captions, stripped, in order (at least one).
+        split: the ``split`` field, stripped, or ``None``.
+    """
+
+    image: str | None
+    captions: tuple[str, ...]
+    split: str | None
+
+
+def parse_caption_line(item: dict[str, Any], where: str) -> CaptionLine:
+    """The one parser of the JSONL caption schema: ``item`` is one line's object,
+    ``where`` names it in errors (:class:`DataError`)."""
+    if ("caption" in item) == ("captions" in item):
+        raise DataError(
+            f'{where}: expected an object with a "caption" string or a "captions" list '
+            f"(not both); got keys {sorted(item)}"
+        )
+    if "caption" in item:
+        captions = (clean_caption(item["caption"], where),)
+    else:
+        caps = item["captions"]
+        if not isinstance(caps, list) or not caps:
+            raise DataError(f'{where}: "captions" must be a non-empty list, got {caps!r}')
+        captions = tuple(clean_caption(c, f"{where}: captions[{i}]") for i, c in enumerate(caps))
+    image = item.get("image")
+    if image in (None, ""):
+        image = None
+    elif not isinstance(image, str):
+        raise DataError(f'{where}: "image" must be a path string, got {image!r}')
+    else:
+        _check_utf8(image, f'{where}: "image"')
+    return CaptionLine(image, captions, _optional_split(item.get("split"), where))
 
 
 def _check_count(captions_per_image: int) -> None:
@@ -344,7 +396,8 @@ def read_jsonl(
     split_seed: int = 0,
     skip_bad: bool = False,
 ) -> list[ImageRecord]:
-    """Read ``{"image": "rel/path.jpg", "captions": [...], "split": optional}`` lines.
+    """Read a JSONL caption file (the schema of the module docstring; ``image``
+    required, relative to ``image_root``).
 
     Lines of the same image are merged; at most ``captions_per_image`` captions are
     kept per image. Without ``split`` fields, images are split by ``split_ratios``.
@@ -360,13 +413,9 @@ def read_jsonl(
     def parse(entry: tuple[int, str]) -> _Row:
         number, line = entry
         where = f"{path}: line {number}"
-        item = json_object(line, where)
-        image = _relative_image(item.get("image"), where)
-        caps = item.get("captions")
-        if not isinstance(caps, list) or not caps:
-            raise DataError(f'{where}: "captions" must be a non-empty list, got {caps!r}')
-        cleaned = [clean_caption(c, f"{where}: captions[{i}]") for i, c in enumerate(caps)]
-        return _Row(image, cleaned, _optional_split(item.get("split"), where), where)
+        parsed = parse_caption_line(json_object(line, where), where)
+        image = _relative_image(parsed.image, where)
+        return _Row(image, list(parsed.captions), parsed.split, where)
 
     rows = _keep_good(lines, parse, skip_bad, path)
     return _group_rows(

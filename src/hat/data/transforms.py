@@ -15,7 +15,7 @@ from typing import BinaryIO
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import transforms as T
 
-from hat.config import ImageTowerConfig
+from hat.config import DEFAULT_MAX_PIXELS, ImageTowerConfig
 from hat.data.records import DataError
 
 __all__ = [
@@ -32,7 +32,6 @@ __all__ = [
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 # The Pillow decoders load_image accepts (the JPEG one also reads MPO, as phones write).
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-DEFAULT_MAX_PIXELS = 64_000_000  # width * height; checked before any pixel is decoded
 
 WHITE = (255, 255, 255)
 OPAQUE = 255

@@ -212,12 +212,14 @@ class Index:
         device: str | torch.device = "cpu",
         writable: bool = False,
         strict: bool = True,
+        retrieval: RetrievalConfig = RetrievalConfig(),
     ) -> Index:
         """Open an index; ``model`` (a path or a loaded :class:`HAT`) defaults to the
         model the index was built with, which is then loaded at its first use. A given
         model is checked now: one of another fingerprint is refused. ``strict=False``
         opens an index whose manifest is damaged from the copy its database keeps (for
-        :meth:`verify`)."""
+        :meth:`verify`). ``retrieval`` sets how search scores (compute dtype, memory
+        budget)."""
         store = IndexStore.open(root, readonly=not writable, strict=strict)
         loaded = None
         if model is not None:
@@ -227,7 +229,7 @@ class Index:
             except BaseException:
                 store.close()
                 raise
-        return cls(store, loaded, cfg, torch.device(device))
+        return cls(store, loaded, cfg, torch.device(device), retrieval)
 
     def close(self) -> None:
         self.store.close()

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from hat.data import DataError, load_image
-from hat.data.records import clean_caption, json_object, read_text
+from hat.data.records import clean_caption, json_object, parse_caption_line, read_text
 from hat.data.transforms import DEFAULT_MAX_PIXELS, ImageError, is_image_file
 
 __all__ = [
@@ -50,7 +50,7 @@ HASH_CHUNK = 2**20
 MAX_IMAGE_BYTES = DEFAULT_MAX_PIXELS * 8
 CAPTION_FORMS = (
     'a Karpathy split file ({"images": [{"filename", "filepath"?, "sentences": '
-    '[{"raw"}]}]}) or JSON lines of {"caption", "image"?} or {"image"?, "captions": [...]}'
+    '[{"raw"}]}]}) or JSON lines of {"image"?, "captions": [...]} (or "caption": "...")'
 )
 
 
@@ -263,7 +263,7 @@ def _image_of(value: Any, base: Path, where: str) -> str | None:
     if value in (None, ""):
         return None
     if not isinstance(value, str):
-        raise DataError(f"{where}: image must be a path string, got {value!r}")
+        raise DataError(f'{where}: "image" must be a path string, got {value!r}')
     return os.path.abspath(base / value)
 
 
@@ -296,22 +296,11 @@ def _karpathy_entries(data: dict[str, Any], root: Path, path: Path) -> Iterator[
 
 
 def _caption_object(item: dict[str, Any], base: Path, where: str) -> list[CaptionEntry]:
-    """The captions of one JSON object: ``{"caption", "image"?}`` or the dataset form
-    ``{"image"?, "captions": [...]}`` (other fields, such as ``split``, are ignored)."""
-    if ("caption" in item) == ("captions" in item):
-        raise DataError(
-            f'{where}: expected an object with a "caption" string or a "captions" list '
-            f"(not both); got keys {sorted(item)}"
-        )
-    image = _image_of(item.get("image"), base, where)
-    if "caption" in item:
-        texts = [clean_caption(item["caption"], where)]
-    else:
-        caps = item["captions"]
-        if not isinstance(caps, list) or not caps:
-            raise DataError(f'{where}: "captions" must be a non-empty list, got {caps!r}')
-        texts = [clean_caption(c, f"{where}: captions[{i}]") for i, c in enumerate(caps)]
-    return [CaptionEntry(" ".join(t.split()), image) for t in texts]
+    """The captions of one object of the JSONL caption schema (the datasets' own,
+    :func:`hat.data.records.parse_caption_line`; ``split`` is ignored)."""
+    line = parse_caption_line(item, where)
+    image = _image_of(line.image, base, where)
+    return [CaptionEntry(" ".join(t.split()), image) for t in line.captions]
 
 
 def _json_captions(text: str, path: Path, root: Path) -> list[CaptionEntry]:
@@ -391,10 +380,11 @@ def read_caption_file(path: str | Path, image_root: str | Path | None = None) ->
       forms: a Karpathy split file (one object with an ``images`` list, e.g.
       ``dataset_flickr30k.json``: every ``sentences[*].raw`` of every image, of all
       splits, written for ``image_root/filepath/filename``, or
-      ``image_root/filename`` without ``filepath``), or JSON lines of
-      ``{"caption": ..., "image": optional}`` or ``{"image": optional, "captions":
-      [...]}`` objects (the dataset JSONL form). Any other JSON is refused, whatever
-      the file's extension; so is a ``.json``/``.jsonl`` file that is not JSON.
+      ``image_root/filename`` without ``filepath``), or JSON lines of the caption
+      schema of the datasets (:mod:`hat.data.records`): ``{"image": optional,
+      "captions": [...]}``, or ``"caption": "..."`` for one. Any other JSON is
+      refused, whatever the file's extension; so is a ``.json``/``.jsonl`` file that
+      is not JSON.
     - A ``.csv`` file: columns ``caption`` and optional ``image``; a row with an extra
       or a missing field, or an unclosed quote, is refused.
     - Anything else: one caption per line.
