@@ -98,8 +98,8 @@ def test_a_config_file_sets_any_section(tmp_path) -> None:
     assert (cfg.index.shortlist, cfg.serve.port, cfg.model.name) == (9, 9001, "tiny")
     with pytest.raises(ConfigError, match="not both"):
         build_config(path, preset="tiny")
-    path.write_text("index:\n  search_block: 0\n")
-    with pytest.raises(ConfigError, match=r"c\.yaml: index\.search_block must be >= 1, got 0"):
+    path.write_text("index:\n  shortlist: 0\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: index\.shortlist must be >= 1, got 0"):
         build_config(path)
 
 
