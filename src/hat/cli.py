@@ -229,9 +229,19 @@ def _cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _needs_faiss() -> None:
+    """Fail at once, not after minutes of encoding or training, where the index extra
+    (faiss, which writes an index's last files) is missing."""
+    from hat._optional import needs_extra
+
+    with needs_extra("index"):
+        import faiss  # noqa: F401
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from hat.demo import run_demo
 
+    _needs_faiss()
     run_demo(args.out, device=args.device, overrides=args.overrides)
     return 0
 
@@ -269,6 +279,7 @@ def _index_images(args: argparse.Namespace, root: str, create, model: str | None
     from hat import distributed
     from hat.index import AddReport, Index
 
+    _needs_faiss()
     cfg = _index_config(args.overrides)
     device = distributed.init_from_env(torch.device(args.device or "cpu"))
     main = distributed.is_main_process()
@@ -621,18 +632,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``hat`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)  # --help and usage errors exit here, importing little
     import torch
 
+    from hat._optional import MissingExtraError
     from hat.checkpoint import CheckpointError
     from hat.config import ConfigError
     from hat.index.store import IndexFormatError
 
-    args = build_parser().parse_args(argv)
     # Denormal floats are ~100x slower on x86 CPUs; flush them for every command.
     torch.set_flush_denormal(True)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, IndexFormatError, OSError, ValueError) as err:
+    except (
+        ConfigError,
+        CheckpointError,
+        IndexFormatError,
+        MissingExtraError,
+        OSError,
+        ValueError,
+    ) as err:
         # OSError: a path of the wrong kind or without permission that no check caught.
         print(f"hat: error: {err}", file=sys.stderr)
         return 2

@@ -7,16 +7,20 @@ Shape legend: ``N`` images, ``M`` captions, ``Q`` queries, ``G`` gallery items,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import faiss
 import numpy as np
 import torch
 from torch import Tensor
 
+from hat._optional import needs_extra
 from hat.align import DEFAULT_BLOCK_BYTES, scoring_dtype
 from hat.config import IndexConfig, ModelConfig, RetrievalConfig
-from hat.model import ImageFeatures, TextFeatures, grouped_similarity
+
+if TYPE_CHECKING:
+    import faiss
+
+    from hat.model import ImageFeatures, TextFeatures
 
 __all__ = [
     "TwoStageScores",
@@ -37,6 +41,9 @@ def shortlist(queries: Tensor, gallery: Tensor, k: int) -> Tensor:
     Exact inner-product search with faiss (``IndexFlatIP``) over ``(Q, g)`` queries and
     ``(G, g)`` gallery embeddings; ``k`` is capped at ``G``.
     """
+    with needs_extra("index"):
+        import faiss
+
     k = min(k, gallery.shape[0])
     index = faiss.IndexFlatIP(gallery.shape[1])
     index.add(np.ascontiguousarray(gallery.detach().float().cpu().numpy()))
@@ -51,6 +58,9 @@ def global_index(embeddings: np.ndarray, ids: np.ndarray, cfg: IndexConfig) -> f
     ``cfg.ivf_lists_per_sqrt * sqrt(G)`` lists trained on the embeddings themselves and
     searching ``cfg.nprobe`` lists per query (approximate, much faster).
     """
+    with needs_extra("index"):
+        import faiss
+
     g = embeddings.shape[1]
     data = np.ascontiguousarray(embeddings, dtype=np.float32)
     if len(data) <= cfg.exact_max_items:
@@ -108,6 +118,8 @@ def rerank(
     scored against its own candidates as one group (:func:`hat.model.grouped_similarity`),
     in chunks of queries sized from :data:`hat.align.DEFAULT_BLOCK_BYTES`.
     """
+    from hat.model import grouped_similarity
+
     dtype = scoring_dtype(retrieval.compute_dtype, device)
     num_queries, k = candidates.shape
     out = torch.empty(num_queries, k)

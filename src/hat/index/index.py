@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,7 +32,6 @@ from hat import align, distributed
 from hat.checkpoint import model_fingerprint, resolve_model
 from hat.config import IndexConfig
 from hat.data import CaptionTokenizer, DataError, build_transform, load_image
-from hat.explain import Explanation, caption_tokens, explain_features, model_view
 from hat.index.reader import (
     CaptionEntry,
     ImageFile,
@@ -50,8 +49,10 @@ from hat.index.store import (
     Problem,
     SegmentArrays,
 )
-from hat.model import HAT, ImageFeatures, TextFeatures, similarity
-from hat.search import global_index
+
+if TYPE_CHECKING:
+    from hat.explain import Explanation
+    from hat.model import HAT, ImageFeatures, TextFeatures
 
 __all__ = ["AddReport", "Hit", "Index", "IndexFormatError", "VerifyReport"]
 
@@ -252,6 +253,8 @@ class Index:
         store = IndexStore.open(root, readonly=not writable, strict=strict)
         loaded = None
         if model is not None:
+            from hat.model import HAT
+
             try:
                 if isinstance(model, HAT):
                     loaded = _verified(model, store, "the given model")
@@ -506,6 +509,8 @@ class Index:
 
     def _global_index(self, kind: Kind, ids: np.ndarray, segments: np.ndarray, rows: np.ndarray):
         """A faiss index of the global embeddings of the items at (segment, row)."""
+        from hat.search import global_index
+
         embeddings = self._gather(kind, segments, rows, global_only=True)
         return global_index(embeddings, ids, self.cfg)
 
@@ -559,6 +564,8 @@ class Index:
         global_embedding = (np.concatenate(glob) if glob else np.zeros((0, g), np.float32))[inverse]
         if global_only:
             return global_embedding
+        from hat.model import ImageFeatures, TextFeatures
+
         glob_t = torch.from_numpy(global_embedding)
         if kind == "image":
             tensors = [torch.from_numpy(np.concatenate(ts)[inverse]).float() for ts in levels]
@@ -574,6 +581,8 @@ class Index:
     # -- encoding ----------------------------------------------------------------
     @torch.no_grad()
     def _encode_texts(self, texts: Sequence[str]) -> TextFeatures:
+        from hat.model import TextFeatures
+
         parts = []
         for start in range(0, len(texts), self.cfg.batch_size):
             batch = self.tokenizer(list(texts[start : start + self.cfg.batch_size]))
@@ -591,6 +600,8 @@ class Index:
     # -- searching ---------------------------------------------------------------
     def search_text(self, query: str, k: int = 10, exhaustive: bool = False) -> list[Hit]:
         """The ``k`` indexed images that best match ``query`` under HAT's score."""
+        from hat.model import similarity
+
         if not query.strip():
             raise ValueError("the text query is empty")
         text = self._encode_texts([query])
@@ -605,6 +616,8 @@ class Index:
         """The ``k`` indexed captions that best match ``image`` under HAT's score, or,
         when the index holds no captions, the ``k`` most similar indexed images (the
         per-level cosine of mean-pooled tokens, summed)."""
+        from hat.model import similarity
+
         if not isinstance(image, Image.Image):
             image = load_image(image)
         query = self._encode_image(image)
@@ -686,6 +699,8 @@ class Index:
     def explain(self, image_id: int, caption: str) -> Explanation:
         """Per-level word-region attention of an indexed image and ``caption``, from the
         stored features (the image file is read only for display)."""
+        from hat.explain import caption_tokens, explain_features, model_view
+
         snap = self._snapshot("image")
         if image_id not in snap.position:
             raise KeyError(f"no image with id {image_id} in the index")
