@@ -20,14 +20,16 @@ import random
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from hat.config import ConfigError, ModelConfig, config_from_dict, config_to_dict
-from hat.model import HAT
+
+if TYPE_CHECKING:
+    from hat.model import HAT
 
 __all__ = [
     "CheckpointError",
@@ -123,6 +125,8 @@ def save_model(model: HAT, out_dir: str | Path, tokenizer: Any | None = None) ->
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> HAT:
     """Load a model directory written by :func:`save_model`; no network, strict weights."""
+    from hat.model import HAT
+
     root = Path(model_dir)
     for name in (MODEL_CONFIG, MODEL_WEIGHTS):
         if not (root / name).is_file():
@@ -237,6 +241,7 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
 def model_from_training_checkpoint(path: str | Path) -> tuple[HAT, Any]:
     """The model of a training checkpoint and the run's :class:`ExperimentConfig`."""
     from hat.config import ExperimentConfig
+    from hat.model import HAT
 
     checkpoint = load_training_checkpoint(path)
     try:

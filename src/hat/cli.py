@@ -268,9 +268,19 @@ def _cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _needs_faiss() -> None:
+    """Fail at once, not after minutes of encoding or training, where the index extra
+    (faiss, which writes an index's last files) is missing."""
+    from hat._optional import needs_extra
+
+    with needs_extra("index"):
+        import faiss  # noqa: F401
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from hat.demo import run_demo
 
+    _needs_faiss()
     run_demo(args.out, args.cfg)
     return 0
 
@@ -300,6 +310,7 @@ def _index_images(args: argparse.Namespace, root: str, create, model: str | None
     from hat import distributed
     from hat.index import AddReport, Index
 
+    _needs_faiss()
     cfg = args.cfg
     device = distributed.init_from_env(_device(cfg))
     main = distributed.is_main_process()
@@ -695,21 +706,29 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``hat`` command; returns the exit status."""
+    rest, overrides = _split_overrides(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(rest)  # --help and usage errors exit here, importing little
+    args.overrides = overrides
     import torch
 
+    from hat._optional import MissingExtraError
     from hat.checkpoint import CheckpointError
     from hat.config import ConfigError
     from hat.index.store import IndexFormatError
 
-    rest, overrides = _split_overrides(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(rest)
-    args.overrides = overrides
     # Denormal floats are ~100x slower on x86 CPUs; flush them for every command.
     torch.set_flush_denormal(True)
     try:
         args.cfg = _config(args)  # every command's, checked before any work
         return args.func(args)
-    except (ConfigError, CheckpointError, IndexFormatError, OSError, ValueError) as err:
+    except (
+        ConfigError,
+        CheckpointError,
+        IndexFormatError,
+        MissingExtraError,
+        OSError,
+        ValueError,
+    ) as err:
         # OSError: a path of the wrong kind or without permission that no check caught.
         print(f"hat: error: {err}", file=sys.stderr)
         return 2

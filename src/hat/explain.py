@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from hat._optional import needs_extra
 from hat.config import ImageTowerConfig
 from hat.data.transforms import eval_geometry
 from hat.encoder import Encoder
@@ -193,7 +194,8 @@ def draw_explanation(explanation: Explanation, max_words: int = MAX_WORDS_DRAWN)
     Each map is scaled to its own maximum so that where a word looked is visible
     even when its weights are small; the level score heads each row.
     """
-    from matplotlib.figure import Figure
+    with needs_extra("explain"):
+        from matplotlib.figure import Figure
 
     words = explanation.words[:max_words]
     rows, cols = len(explanation.levels), len(words) + 1

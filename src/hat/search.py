@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hat._optional import needs_extra
 from hat.features import ImageFeatures, TextFeatures
 from hat.scorer import Scorer
 
@@ -67,7 +68,8 @@ class Gallery(Protocol):
 
 def exact_inner_product(embeddings: np.ndarray) -> faiss.Index:
     """An exact faiss inner-product index over ``(G, g)`` embeddings (positions as ids)."""
-    import faiss
+    with needs_extra("index"):
+        import faiss
 
     index = faiss.IndexFlatIP(embeddings.shape[1])
     index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
@@ -81,7 +83,8 @@ def global_index(embeddings: np.ndarray, ids: np.ndarray, cfg: IndexConfig) -> f
     ``cfg.ivf_lists_per_sqrt * sqrt(G)`` lists trained on the embeddings themselves and
     searching ``cfg.nprobe`` lists per query (approximate, much faster).
     """
-    import faiss
+    with needs_extra("index"):
+        import faiss
 
     g = embeddings.shape[1]
     data = np.ascontiguousarray(embeddings, dtype=np.float32)

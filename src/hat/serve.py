@@ -19,28 +19,31 @@ import time
 from importlib import resources
 from typing import Annotated, Any, Literal
 
-from fastapi import (
-    APIRouter,
-    Depends,
-    FastAPI,
-    File,
-    Form,
-    HTTPException,
-    Path,
-    Query,
-    Request,
-    UploadFile,
-)
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from hat._optional import needs_extra
 from hat.config import ServeConfig
 from hat.data import DataError, load_image
 from hat.explain import explain_indexed, render_png
 from hat.index import Hit, Index, IndexFormatError
 from hat.index.reader import open_image_file
+
+with needs_extra("serve"):
+    from fastapi import (
+        APIRouter,
+        Depends,
+        FastAPI,
+        File,
+        Form,
+        HTTPException,
+        Path,
+        Query,
+        Request,
+        UploadFile,
+    )
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = ["create_app", "serve"]
 
@@ -257,7 +260,8 @@ def create_app(index: Index, cfg: ServeConfig = ServeConfig()) -> FastAPI:
 
 def serve(index: Index, cfg: ServeConfig = ServeConfig()) -> None:
     """Run the web app with uvicorn on ``cfg.host:cfg.port`` until interrupted."""
-    import uvicorn
+    with needs_extra("serve"):
+        import uvicorn
 
     index.model  # noqa: B018 -- load the model now, not at the first request
     uvicorn.run(create_app(index, cfg), host=cfg.host, port=cfg.port, log_level="info")

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from hat import distributed
+from hat._optional import needs_extra
 from hat.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -684,7 +685,8 @@ class Trainer:
         if not self.is_main:
             return
         if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+            with needs_extra("train"):
+                from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(self.run_dir / "tb"))
         with open(self.run_dir / "metrics.jsonl", "a") as handle:

@@ -6,11 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from torch import Tensor
-from transformers import AutoTokenizer
 
 from hat.config import TextTowerConfig
 from hat.data.records import DataError
-from hat.encoders.common import resolve_local_path
 
 __all__ = ["CaptionTokenizer"]
 
@@ -27,6 +25,10 @@ class CaptionTokenizer:
     """
 
     def __init__(self, path: str, max_length: int = 32) -> None:
+        from transformers import AutoTokenizer
+
+        from hat.encoders.common import resolve_local_path
+
         if max_length < MIN_LENGTH:
             raise DataError(f"tokenizer max_length must be at least {MIN_LENGTH}, got {max_length}")
         directory = Path(resolve_local_path(path))

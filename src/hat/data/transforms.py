@@ -10,13 +10,15 @@ from __future__ import annotations
 import struct
 import warnings
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision import transforms as T
 
 from hat.config import DEFAULT_MAX_PIXELS, ImageTowerConfig
 from hat.data.records import DataError
+
+if TYPE_CHECKING:
+    from torchvision import transforms as T
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -70,6 +72,8 @@ def build_transform(image_cfg: ImageTowerConfig, train: bool) -> T.Compose:
     a horizontal flip; eval: Resize(``eval_resize``) + CenterCrop. Then ToTensor and
     the configured mean/std normalisation.
     """
+    from torchvision import transforms as T
+
     if train:
         geometry = [T.RandomResizedCrop(image_cfg.image_size, scale=image_cfg.train_crop_scale)]
         if image_cfg.train_hflip:
@@ -82,6 +86,8 @@ def build_transform(image_cfg: ImageTowerConfig, train: bool) -> T.Compose:
 def eval_geometry(image_cfg: ImageTowerConfig) -> T.Compose:
     """PIL image -> PIL image: Resize(``eval_resize``) + CenterCrop(``image_size``), the
     pixels the model sees at evaluation (and that attention maps are drawn over)."""
+    from torchvision import transforms as T
+
     return T.Compose([T.Resize(image_cfg.eval_resize), T.CenterCrop(image_cfg.image_size)])
 
 

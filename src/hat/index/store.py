@@ -45,12 +45,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import faiss
 import numpy as np
 
+from hat._optional import needs_extra
 from hat.checkpoint import atomic_write
+
+if TYPE_CHECKING:
+    import faiss
 
 __all__ = [
     "FORMAT_VERSION",
@@ -712,6 +715,9 @@ class IndexStore:
     def write_faiss(self, kind: Kind, index: faiss.Index) -> None:
         """Store a global-embedding index of the live items of ``kind``, atomically, with
         the kind's current generation and its checksum (call it under :meth:`writer`)."""
+        with needs_extra("index"):
+            import faiss
+
         data = faiss.serialize_index(index).tobytes()
         generation = self.generation(kind)
         path = self.faiss_path(kind)
@@ -742,6 +748,8 @@ class IndexStore:
         if record is not None and (len(data), hashlib.sha256(data).hexdigest()) != record:
             what = "does not match the checksum recorded when it was written (damaged, or "
             raise DamagedFile(path, what + "another index's file)", self.root)
+        with needs_extra("index"):
+            import faiss
         try:
             return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         except RuntimeError as err:
