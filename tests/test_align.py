@@ -13,6 +13,7 @@ from hat.align import (
     DEFAULT_BLOCK_BYTES,
     grouped_similarity,
     pair_bytes,
+    pair_similarity,
     pooled_similarity,
     similarity,
 )
@@ -268,3 +269,22 @@ def test_memory_budget(tmp_path, monkeypatch) -> None:
         (index / name).write_text(value + "\n")
     monkeypatch.setattr(align, "CACHE_INFO", tmp_path)
     assert align._cache_bytes() == 2**20
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_pair_similarity_is_the_listed_entries(direction: str) -> None:
+    """Listed pairs (repeats, images listed with different numbers of captions, images
+    never listed) score as their entries of the all-pairs matrix, in any chunking."""
+    images, captions, lengths = _inputs(n=6, r=5, m=8, max_len=7, d=8, seed=10)
+    full = similarity(images, captions, lengths, direction)  # (6, 8)
+    g = torch.Generator().manual_seed(10)
+    image_index = torch.tensor([0, 3, 3, 3, 5, 0, 3, 1, 1, 5, 5, 5, 5])
+    caption_index = torch.randint(0, 8, image_index.shape, generator=g)
+    want = full[image_index, caption_index]
+    for block_bytes in (1, align.DEFAULT_BLOCK_BYTES):
+        got = pair_similarity(
+            images, captions, lengths, image_index, caption_index, direction, LAMBDA, block_bytes
+        )
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    empty = pair_similarity(images, captions, lengths, image_index[:0], caption_index[:0])
+    assert empty.shape == (0,)

@@ -19,6 +19,13 @@ over queries of ``cos(q, c_q)``. The context is never materialised:
 the Gram matrix of the keys, so every product comes from ONE matrix
 multiplication of all regions of a block of images with all words of a block
 of captions.
+
+Entry points: :func:`similarity` (all pairs of a block of images and captions),
+:func:`grouped_similarity` (each group's own images against its own captions: a
+shortlist per query) and :func:`pair_similarity` (listed pairs of a gallery, grouped by
+image). All three chunk their work within one memory budget, ``block_bytes``
+(default :data:`DEFAULT_BLOCK_BYTES`, from the CPU's cache; :func:`pair_bytes` gives the
+bytes per pair to chunk by).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ __all__ = [
     "LEAKY_SLOPE",
     "LIVE_TEMPORARIES",
     "pair_bytes",
+    "pair_similarity",
     "pooled_similarity",
     "scoring_dtype",
     "similarity",
@@ -114,7 +122,7 @@ def _word_mask(lengths: Tensor, max_len: int) -> Tensor:
 def _zero_padding(captions: Tensor, word_mask: Tensor) -> Tensor:
     """``(..., L, d)`` caption tokens with every padding position set to 0, whatever it
     held (inf and NaN included: a product with the mask would turn them into NaN)."""
-    return torch.where(word_mask[..., None], captions, captions.new_zeros(()))
+    return torch.where(word_mask[..., None], captions, 0.0)
 
 
 def _use_gram(key_tokens: int, query_tokens: int, dim: int) -> bool:
@@ -181,7 +189,10 @@ def _attend(
     bias = torch.full((), -lambda_softmax if shifted else 0.0, dtype=cdtype, device=s.device)
     if key_bias is not None:
         bias = bias + key_bias.reshape(key_shape)
-    logits = torch.addcmul(bias, a, scale)
+    if keys_major:  # scale is constant along the inner axis: addcmul broadcasts it slowly
+        logits = (a * scale).add_(bias)
+    else:
+        logits = torch.addcmul(bias, a, scale)
     if not shifted:
         logits = logits - logits.amax(dim=key_dim, keepdim=True)
     e = logits.exp_()  # unnormalised softmax over keys
@@ -423,6 +434,76 @@ def grouped_similarity(
             _norms(queries),
             _gram(keys) if use_gram else None,
         )
+    return out
+
+
+def pair_similarity(
+    images: Tensor,
+    captions: Tensor,
+    caption_lengths: Tensor,
+    image_index: Tensor,
+    caption_index: Tensor,
+    direction: Literal["i2t", "t2i"] = "i2t",
+    lambda_softmax: float = 9.0,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> Tensor:
+    """HAT alignment scores of listed (image, caption) pairs of a gallery, for one level.
+
+    Args:
+        images: ``(N, R, d)`` image tokens; captions ``(M, L, d)`` with
+            ``caption_lengths`` ``(M,)``, as for :func:`similarity`.
+        image_index: ``(P,)`` the image of each pair; caption_index ``(P,)`` its caption.
+        direction, lambda_softmax, block_bytes: as for :func:`similarity`.
+
+    Returns:
+        ``(P,)`` the scores :func:`similarity` gives for those pairs.
+
+    For reranking shortlists of either direction (or both at once): the pairs are
+    grouped by image, and each image is scored once against all of its listed captions
+    (:func:`grouped_similarity` with ``A = 1``, images of similar caption counts
+    batched together), so an image's tokens are read once rather than once per pair and
+    only the (shorter) captions are gathered. Differentiable.
+    """
+    _check_direction(direction)
+    pairs = image_index.shape[0]
+    if image_index.shape != caption_index.shape or image_index.dim() != 1:
+        raise ValueError(
+            f"image_index and caption_index must be (P,) alike, got "
+            f"{tuple(image_index.shape)} and {tuple(caption_index.shape)}"
+        )
+    n, r, d = images.shape
+    out = torch.empty(pairs, dtype=_compute_dtype(images.dtype), device=images.device)
+    if pairs == 0:
+        return out
+    image_index = image_index.to(device=images.device, dtype=torch.long)
+    caption_index = caption_index.to(device=images.device, dtype=torch.long)
+    lengths = caption_lengths.to(device=images.device, dtype=torch.long)
+    order = torch.argsort(image_index, stable=True)  # (P,) pairs grouped by image
+    group_images, counts = torch.unique_consecutive(image_index[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts  # (U,) first pair of each image in order
+    by_count = torch.argsort(counts, descending=True, stable=True)  # (U,)
+    per_pair = pair_bytes(r, captions.shape[1], itemsize=out.element_size())
+    start = 0
+    while start < len(by_count):
+        slots = int(counts[by_count[start]])  # the chunk's most captions per image
+        chunk = by_count[start : start + max(1, block_bytes // (slots * per_pair))]  # (G,)
+        offsets = torch.arange(slots, device=images.device)  # (S,)
+        valid = offsets < counts[chunk, None]  # (G, S)
+        # Padding slots repeat the image's last pair; their scores are dropped.
+        position = starts[chunk, None] + torch.minimum(offsets, counts[chunk, None] - 1)
+        pair_ids = order[position]  # (G, S)
+        cap_ids = caption_index[pair_ids]  # (G, S)
+        words = int(lengths[cap_ids].max())
+        scores = grouped_similarity(
+            images[group_images[chunk]][:, None],  # (G, 1, R, d)
+            captions[:, :words][cap_ids],  # (G, S, Lc, d)
+            lengths[cap_ids],
+            direction,
+            lambda_softmax,
+            block_bytes,
+        )[:, 0]  # (G, S)
+        out[pair_ids[valid]] = scores[valid]
+        start += len(chunk)
     return out
 
 
