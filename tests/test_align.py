@@ -286,5 +286,10 @@ def test_pair_similarity_is_the_listed_entries(direction: str) -> None:
             images, captions, lengths, image_index, caption_index, direction, LAMBDA, block_bytes
         )
         torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    dirty = captions.clone()
+    for j, length in enumerate(lengths):
+        dirty[j, length:] = float("nan")
+    got = pair_similarity(images, dirty, lengths, image_index, caption_index, direction)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
     empty = pair_similarity(images, captions, lengths, image_index[:0], caption_index[:0])
     assert empty.shape == (0,)

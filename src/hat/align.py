@@ -411,6 +411,23 @@ def grouped_similarity(
         raise ValueError(f"caption_lengths must be (Q, B) = ({q}, {b}), got {tuple(lengths.shape)}")
     word_mask = _word_mask(lengths, max_len)  # (Q, B, L)
     captions = _zero_padding(captions, word_mask)  # (Q, B, L, d)
+    return _grouped_scores(images, captions, word_mask, direction, lambda_softmax, block_bytes)
+
+
+def _grouped_scores(
+    images: Tensor,
+    captions: Tensor,
+    word_mask: Tensor,
+    direction: Literal["i2t", "t2i"],
+    lambda_softmax: float,
+    block_bytes: int,
+    caption_gram: Tensor | None = None,
+) -> Tensor:
+    """:func:`grouped_similarity` of zero-padded captions ``(Q, B, L, d)`` with their
+    ``word_mask`` ``(Q, B, L)``; ``caption_gram`` ``(Q, B, L, L)``: the captions' Gram
+    matrices when the caller has them (i2t keys), else computed per chunk."""
+    q, a, r, d = images.shape
+    _, b, max_len, _ = captions.shape
     out = torch.empty(q, a, b, dtype=_compute_dtype(images.dtype), device=images.device)
     if direction == "i2t":
         use_gram, query_tokens = _use_gram(max_len, a * r, d), r
@@ -425,14 +442,14 @@ def grouped_similarity(
         rows = slice(start, start + step)
         imgs, caps = images[rows], captions[rows]  # (Qc, A, R, d), (Qc, B, L, d)
         keys, queries = (caps, imgs) if direction == "i2t" else (imgs, caps)
+        if not use_gram:
+            gram = None
+        elif direction == "i2t" and caption_gram is not None:
+            gram = caption_gram[rows]  # (Qc, B, L, L)
+        else:
+            gram = _gram(keys)
         out[rows] = _pair_scores(
-            imgs,
-            caps,
-            word_mask[rows],
-            direction,
-            lambda_softmax,
-            _norms(queries),
-            _gram(keys) if use_gram else None,
+            imgs, caps, word_mask[rows], direction, lambda_softmax, _norms(queries), gram
         )
     return out
 
@@ -478,6 +495,11 @@ def pair_similarity(
     image_index = image_index.to(device=images.device, dtype=torch.long)
     caption_index = caption_index.to(device=images.device, dtype=torch.long)
     lengths = caption_lengths.to(device=images.device, dtype=torch.long)
+    word_mask = _word_mask(lengths, captions.shape[1])  # (M, L)
+    captions = _zero_padding(captions, word_mask)  # (M, L, d), once for every pair
+    # In i2t the keys are words: each listed caption's Gram matrix once, not per pair.
+    listed, gram_slot = torch.unique(caption_index, return_inverse=True)  # (U,), (P,)
+    grams = _gram(captions[listed]) if direction == "i2t" else None  # (U, L, L)
     order = torch.argsort(image_index, stable=True)  # (P,) pairs grouped by image
     group_images, counts = torch.unique_consecutive(image_index[order], return_counts=True)
     starts = torch.cumsum(counts, 0) - counts  # (U,) first pair of each image in order
@@ -494,13 +516,14 @@ def pair_similarity(
         pair_ids = order[position]  # (G, S)
         cap_ids = caption_index[pair_ids]  # (G, S)
         words = int(lengths[cap_ids].max())
-        scores = grouped_similarity(
+        scores = _grouped_scores(
             images[group_images[chunk]][:, None],  # (G, 1, R, d)
             captions[:, :words][cap_ids],  # (G, S, Lc, d)
-            lengths[cap_ids],
+            word_mask[:, :words][cap_ids],  # (G, S, Lc)
             direction,
             lambda_softmax,
             block_bytes,
+            None if grams is None else grams[:, :words, :words][gram_slot[pair_ids]],
         )[:, 0]  # (G, S)
         out[pair_ids[valid]] = scores[valid]
         start += len(chunk)
