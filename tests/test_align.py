@@ -261,6 +261,8 @@ def test_memory_budget(tmp_path, monkeypatch) -> None:
     assert pair_bytes(196, 16) == 4 * align.LIVE_TEMPORARIES * 196 * 16
     assert pair_bytes(196, 16, 768) == pair_bytes(196, 16) + 4 * (196 + 16) * 768
     assert pair_bytes(196, 16, itemsize=8) == 2 * pair_bytes(196, 16)
+    assert align.block_budget(torch.device("cpu")) == DEFAULT_BLOCK_BYTES
+    assert align.block_budget(torch.device("cuda")) == align.ACCELERATOR_BLOCK_BYTES
     monkeypatch.setattr(align, "CACHE_INFO", tmp_path / "missing")
     assert align._cache_bytes() == align.FALLBACK_CACHE_BYTES
     index = tmp_path / "index2"

@@ -24,8 +24,8 @@ Entry points: :func:`similarity` (all pairs of a block of images and captions),
 :func:`grouped_similarity` (each group's own images against its own captions: a
 shortlist per query) and :func:`pair_similarity` (listed pairs of a gallery, grouped by
 image). All three chunk their work within one memory budget, ``block_bytes``
-(default :data:`DEFAULT_BLOCK_BYTES`, from the CPU's cache; :func:`pair_bytes` gives the
-bytes per pair to chunk by).
+(default :func:`block_budget`: :data:`DEFAULT_BLOCK_BYTES`, from the CPU's cache, on the
+CPU; :func:`pair_bytes` gives the bytes per pair to chunk by).
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ from torch import Tensor
 
 __all__ = [
     "DEFAULT_BLOCK_BYTES",
+    "ACCELERATOR_BLOCK_BYTES",
     "attention_maps",
+    "block_budget",
     "grouped_similarity",
     "pooled_embeddings",
     "EPS",
@@ -88,6 +90,16 @@ the elementwise passes over a tile run from cache while its GEMM stays large eno
 be efficient. The one knob for chunking the scorer's work; see :func:`pair_bytes`."""
 
 
+# Accelerators: the budget is memory, not cache; large tiles amortise kernel launches.
+ACCELERATOR_BLOCK_BYTES = 256 * 2**20
+
+
+def block_budget(device: torch.device) -> int:
+    """The default ``block_bytes`` for scoring on ``device``: :data:`DEFAULT_BLOCK_BYTES`
+    (cache-sized) on the CPU, :data:`ACCELERATOR_BLOCK_BYTES` elsewhere."""
+    return DEFAULT_BLOCK_BYTES if device.type == "cpu" else ACCELERATOR_BLOCK_BYTES
+
+
 def pair_bytes(regions: int, words: int, dim: int = 0, itemsize: int = 4) -> int:
     """Bytes of scoring temporaries per (image, caption) pair at one level.
 
@@ -96,7 +108,7 @@ def pair_bytes(regions: int, words: int, dim: int = 0, itemsize: int = 4) -> int
     what a pair scored on its own (:func:`grouped_similarity`) adds: its own copy of the
     image and caption tokens and its attended contexts, ``(regions + words) * dim``
     values. A block of ``N`` images by ``M`` captions needs ``N * M`` times this; callers
-    chunk their work so that it stays within :data:`DEFAULT_BLOCK_BYTES` (or their own
+    chunk their work so that it stays within :func:`block_budget` (or their own
     ``block_bytes``)."""
     return itemsize * (LIVE_TEMPORARIES * regions * words + (regions + words) * dim)
 
@@ -289,7 +301,7 @@ def similarity(
     caption_lengths: Tensor,
     direction: Literal["i2t", "t2i"] = "i2t",
     lambda_softmax: float = 9.0,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    block_bytes: int | None = None,
 ) -> Tensor:
     """HAT alignment score of every image against every caption, for one level.
 
@@ -303,7 +315,8 @@ def similarity(
             ``"t2i"`` (words attend to regions).
         lambda_softmax: inverse temperature of the attention softmax.
         block_bytes: memory budget for the temporaries of one tile (see
-            :func:`pair_bytes`); inputs of any size are scored tile by tile within it.
+            :func:`pair_bytes`; default :func:`block_budget` of the device); inputs of
+            any size are scored tile by tile within it.
 
     Returns:
         ``(N, M)`` scores in ``[-1, 1]``, in float32 for half-precision inputs and in
@@ -335,7 +348,8 @@ def similarity(
         half = torch.get_autocast_dtype(device_type)
         images, captions = images.to(half), captions.to(half)
         out = out.float()
-    tile = max(1, block_bytes // pair_bytes(1, 1, itemsize=out.element_size()))
+    budget = block_budget(images.device) if block_bytes is None else block_bytes
+    tile = max(1, budget // pair_bytes(1, 1, itemsize=out.element_size()))
     with torch.autocast(device_type, enabled=False):
         image_block, _ = _block_sizes(n, r, m, max_len, tile)
         image_blocks = [slice(i, i + image_block) for i in range(0, n, image_block)]
@@ -380,7 +394,7 @@ def grouped_similarity(
     caption_lengths: Tensor,
     direction: Literal["i2t", "t2i"] = "i2t",
     lambda_softmax: float = 9.0,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    block_bytes: int | None = None,
 ) -> Tensor:
     """HAT alignment scores of ``Q`` independent groups, each its own small block.
 
@@ -391,12 +405,14 @@ def grouped_similarity(
     caption with its ``k`` candidate images (``B = 1``), or one pair (``A = B = 1``).
 
     Groups are scored in chunks whose temporaries fit ``block_bytes`` (see
-    :func:`pair_bytes`); each chunk is one batched GEMM of every group's regions with
-    its own words. The query side's terms (norms, the Gram matrix of a single caption
-    or image) are computed once per group; when a group's keys outnumber its queries
-    (an image's regions against one caption in t2i) the contexts are formed directly
-    instead of through the keys' Gram matrices. Differentiable; half-precision inputs
-    score in float32.
+    :func:`pair_bytes`; default :func:`block_budget` of the device); each chunk is one
+    batched GEMM of every group's regions with its own words. The query side's terms
+    (norms, the Gram matrix of a single caption or image) are computed once per group;
+    when a group's keys outnumber its queries (an image's regions against one caption in
+    t2i) the contexts are formed directly instead of through the keys' Gram matrices.
+    Differentiable; half-precision inputs score in float32. To score many queries'
+    shortlists of one gallery without gathering a copy of every candidate image, see
+    :func:`pair_similarity`.
     """
     if images.dim() != 4 or captions.dim() != 4 or images.shape[::3] != captions.shape[::3]:
         raise ValueError(
@@ -411,7 +427,8 @@ def grouped_similarity(
         raise ValueError(f"caption_lengths must be (Q, B) = ({q}, {b}), got {tuple(lengths.shape)}")
     word_mask = _word_mask(lengths, max_len)  # (Q, B, L)
     captions = _zero_padding(captions, word_mask)  # (Q, B, L, d)
-    return _grouped_scores(images, captions, word_mask, direction, lambda_softmax, block_bytes)
+    budget = block_budget(images.device) if block_bytes is None else block_bytes
+    return _grouped_scores(images, captions, word_mask, direction, lambda_softmax, budget)
 
 
 def _grouped_scores(
@@ -462,7 +479,7 @@ def pair_similarity(
     caption_index: Tensor,
     direction: Literal["i2t", "t2i"] = "i2t",
     lambda_softmax: float = 9.0,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    block_bytes: int | None = None,
 ) -> Tensor:
     """HAT alignment scores of listed (image, caption) pairs of a gallery, for one level.
 
@@ -505,10 +522,11 @@ def pair_similarity(
     starts = torch.cumsum(counts, 0) - counts  # (U,) first pair of each image in order
     by_count = torch.argsort(counts, descending=True, stable=True)  # (U,)
     per_pair = pair_bytes(r, captions.shape[1], itemsize=out.element_size())
+    budget = block_budget(images.device) if block_bytes is None else block_bytes
     start = 0
     while start < len(by_count):
         slots = int(counts[by_count[start]])  # the chunk's most captions per image
-        chunk = by_count[start : start + max(1, block_bytes // (slots * per_pair))]  # (G,)
+        chunk = by_count[start : start + max(1, budget // (slots * per_pair))]  # (G,)
         offsets = torch.arange(slots, device=images.device)  # (S,)
         valid = offsets < counts[chunk, None]  # (G, S)
         # Padding slots repeat the image's last pair; their scores are dropped.
@@ -522,7 +540,7 @@ def pair_similarity(
             word_mask[:, :words][cap_ids],  # (G, S, Lc)
             direction,
             lambda_softmax,
-            block_bytes,
+            budget,
             None if grams is None else grams[:, :words, :words][gram_slot[pair_ids]],
         )[:, 0]  # (G, S)
         out[pair_ids[valid]] = scores[valid]
