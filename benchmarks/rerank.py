@@ -132,7 +132,8 @@ def measure(shapes: Shapes, direction: str, args: argparse.Namespace) -> dict[st
         [torch.randperm(pool, generator=g)[: args.image_k] for _ in range(args.queries)]
     )  # (Q, image_k)
     # Caption queries scored as listed pairs: each of --pair-queries captions with its
-    # --image-k images drawn from 2 * image-k, so an image is listed by about half of them.
+    # --image-k images drawn from 2 * image-k, so an image is listed by about half of them
+    # (250 by default, as text queries at 5% of 1,000 images: 5,000 x 50 / 1,000).
     pair_images = torch.stack(
         [
             torch.randperm(2 * args.image_k, generator=g)[: args.image_k]
@@ -196,7 +197,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=8, help="rerank queries per kind")
     parser.add_argument("--image-k", type=int, default=50, help="images per caption query")
     parser.add_argument(
-        "--pair-queries", type=int, default=100, help="caption queries scored as pairs"
+        "--pair-queries", type=int, default=500, help="caption queries scored as pairs"
     )
     parser.add_argument("--caption-k", type=int, default=250, help="captions per image query")
     parser.add_argument("--gallery", type=int, default=1000, help="two-stage estimate: images")
