@@ -265,10 +265,13 @@ def test_memory_budget(tmp_path, monkeypatch) -> None:
     assert align.block_budget(torch.device("cuda")) == align.ACCELERATOR_BLOCK_BYTES
     monkeypatch.setattr(align, "CACHE_INFO", tmp_path / "missing")
     assert align._cache_bytes() == align.FALLBACK_CACHE_BYTES
-    index = tmp_path / "index2"
-    index.mkdir()
-    for name, value in (("type", "Unified"), ("shared_cpu_list", "0"), ("size", "1024K")):
-        (index / name).write_text(value + "\n")
+    caches = [("1", "Data", "48K"), ("1", "Instruction", "64K"), ("2", "Unified", "1M")]
+    caches.append(("3", "Unified", "260M"))  # shared between cores: left out
+    for i, (level, kind, size) in enumerate(caches):
+        index = tmp_path / f"index{i}"
+        index.mkdir()
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (index / name).write_text(value + "\n")
     monkeypatch.setattr(align, "CACHE_INFO", tmp_path)
     assert align._cache_bytes() == 2**20
 

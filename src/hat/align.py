@@ -61,25 +61,30 @@ LEAKY_SLOPE = 0.1
 # the activations, the attention weights and their spread through the key Gram matrix.
 LIVE_TEMPORARIES = 4
 CACHE_INFO = Path("/sys/devices/system/cpu/cpu0/cache")
-# When the cache size cannot be read (not Linux, a GPU): a typical per-core L2.
+# When the cache size cannot be read (not Linux): a typical per-core L2.
 FALLBACK_CACHE_BYTES = 2 * 2**20
+PER_CORE_CACHE_LEVEL = 2
+_SIZE_UNITS = {"K": 2**10, "M": 2**20}
 
 
 def _cache_bytes() -> int:
-    """Size of the largest per-core cache (L2 on current x86 and ARM servers): the
-    unified or data cache of the highest level that ``cpu0`` does not share with other
-    cores, read from sysfs; :data:`FALLBACK_CACHE_BYTES` where that is unavailable."""
+    """Size of the largest per-core cache: the biggest data or unified cache of level
+    :data:`PER_CORE_CACHE_LEVEL` or below of ``cpu0``, read from sysfs (L2 on current x86
+    and ARM servers; the last level is shared between cores and left out);
+    :data:`FALLBACK_CACHE_BYTES` where that is unavailable."""
     best = 0
     for entry in CACHE_INFO.glob("index*"):
         try:
+            level = int((entry / "level").read_text())
             kind = (entry / "type").read_text().strip()
-            shared = (entry / "shared_cpu_list").read_text().strip()
             size = (entry / "size").read_text().strip()
-        except OSError:
+        except (OSError, ValueError):
             continue
-        if kind == "Instruction" or not size.endswith("K") or shared not in ("0", ""):
+        unit = _SIZE_UNITS.get(size[-1:])
+        if kind == "Instruction" or level > PER_CORE_CACHE_LEVEL or unit is None:
             continue
-        best = max(best, int(size[:-1]) * 2**10)
+        if size[:-1].isdigit():
+            best = max(best, int(size[:-1]) * unit)
     return best or FALLBACK_CACHE_BYTES
 
 
