@@ -8,7 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hat.align import grouped_similarity, pooled_similarity, similarity
+from hat import align
+from hat.align import (
+    DEFAULT_BLOCK_BYTES,
+    grouped_similarity,
+    pair_bytes,
+    pair_similarity,
+    pooled_similarity,
+    similarity,
+)
 
 LAMBDA = 9.0
 EPS = 1e-8
@@ -64,9 +72,10 @@ def _inputs(n=3, r=5, m=4, max_len=6, d=8, seed=0):
     return images, captions, lengths
 
 
+@pytest.mark.parametrize("regions", [5, 9])  # fewer and more regions than words: both layouts
 @pytest.mark.parametrize("direction", ["i2t", "t2i"])
-def test_matches_per_pair_reference_float64(direction: str) -> None:
-    images, captions, lengths = _inputs()
+def test_matches_per_pair_reference_float64(direction: str, regions: int) -> None:
+    images, captions, lengths = _inputs(r=regions)
     got = similarity(images, captions, lengths, direction=direction)
     assert got.dtype == torch.float64 and got.shape == (3, 4)
     torch.testing.assert_close(
@@ -182,3 +191,110 @@ def test_grouped_similarity_is_the_same_entries(direction):
         images[:, None], captions[:9, None], lengths[:9, None], direction, 9.0
     )  # (9, 1, 1)
     assert torch.allclose(pairs[:, 0, 0], full[:, :9].diagonal(), atol=1e-12)
+
+
+def _grouped_inputs(r: int, max_len: int, d: int, seed: int):
+    """A gallery of 6 images and 8 captions (garbage in the padding) with shortlists:
+    4 captions per image query, 3 images per caption query."""
+    images, captions, lengths = _inputs(n=6, r=r, m=8, max_len=max_len, d=d, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    cap_cands = torch.stack([torch.randperm(8, generator=g)[:4] for _ in range(6)])  # (6, 4)
+    img_cands = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(8)])  # (8, 3)
+    return images, captions, lengths, cap_cands, img_cands
+
+
+@pytest.mark.parametrize("gram", [True, False])  # context norms via Gram matrices or directly
+@pytest.mark.parametrize(("r", "max_len", "d"), [(5, 7, 8), (12, 4, 16), (2, 9, 32)])
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_grouped_shortlists_match_reference(monkeypatch, direction, r, max_len, d, gram):
+    """One image with its candidate captions (A = 1) and one caption with its candidate
+    images (B = 1), padded captions with garbage, both layouts and both context paths,
+    against the per-pair reference in float64."""
+    monkeypatch.setattr(align, "_use_gram", lambda *shape: gram)
+    images, captions, lengths, cap_cands, img_cands = _grouped_inputs(r, max_len, d, seed=r)
+    ref = reference(images, captions, lengths, direction)  # (6, 8)
+    per_image = grouped_similarity(
+        images[:, None], captions[cap_cands], lengths[cap_cands], direction, LAMBDA
+    )  # (6, 1, 4)
+    assert per_image.shape == (6, 1, 4) and per_image.dtype == torch.float64
+    torch.testing.assert_close(per_image[:, 0], ref.gather(1, cap_cands), atol=1e-12, rtol=0)
+    per_caption = grouped_similarity(
+        images[img_cands], captions[:, None], lengths[:, None], direction, LAMBDA
+    )  # (8, 3, 1)
+    torch.testing.assert_close(per_caption[:, :, 0], ref.T.gather(1, img_cands), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_grouped_chunks_do_not_change_scores(direction: str) -> None:
+    images, captions, lengths, cap_cands, _ = _grouped_inputs(5, 7, 8, seed=7)
+    args = (images[:, None], captions[cap_cands], lengths[cap_cands], direction, LAMBDA)
+    whole = grouped_similarity(*args)
+    torch.testing.assert_close(grouped_similarity(*args, block_bytes=1), whole, atol=1e-12, rtol=0)
+
+
+def test_grouped_gradients_flow() -> None:
+    images, captions, lengths, cap_cands, _ = _grouped_inputs(5, 7, 8, seed=8)
+    images.requires_grad_(True)
+    captions.requires_grad_(True)
+    grouped_similarity(images[:, None], captions[cap_cands], lengths[cap_cands]).sum().backward()
+    assert images.grad.abs().sum() > 0 and captions.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_large_lambda_keeps_the_reference(direction: str) -> None:
+    """Beyond the range where exp needs no running max (2 lambda > 708 in float64, > 87
+    in float32), the max over keys is subtracted: still the reference, never NaN."""
+    images, captions, lengths = _inputs(seed=9)
+    got = similarity(images, captions, lengths, direction=direction, lambda_softmax=400.0)
+    want = reference(images, captions, lengths, direction, lam=400.0)
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=0)
+    f32 = similarity(images.float(), captions.float(), lengths, direction, lambda_softmax=60.0)
+    assert f32.isfinite().all()
+    want = reference(images, captions, lengths, direction, lam=60.0)
+    torch.testing.assert_close(f32.double(), want, atol=1e-4, rtol=0)
+
+
+def test_memory_budget(tmp_path, monkeypatch) -> None:
+    """One budget: read from the per-core cache (a fallback without sysfs), and the bytes
+    per pair that callers chunk by."""
+    assert DEFAULT_BLOCK_BYTES == align.LIVE_TEMPORARIES * align._cache_bytes() >= 2**16
+    assert pair_bytes(196, 16) == 4 * align.LIVE_TEMPORARIES * 196 * 16
+    assert pair_bytes(196, 16, 768) == pair_bytes(196, 16) + 4 * (196 + 16) * 768
+    assert pair_bytes(196, 16, itemsize=8) == 2 * pair_bytes(196, 16)
+    assert align.block_budget(torch.device("cpu")) == DEFAULT_BLOCK_BYTES
+    assert align.block_budget(torch.device("cuda")) == align.ACCELERATOR_BLOCK_BYTES
+    monkeypatch.setattr(align, "CACHE_INFO", tmp_path / "missing")
+    assert align._cache_bytes() == align.FALLBACK_CACHE_BYTES
+    caches = [("1", "Data", "48K"), ("1", "Instruction", "64K"), ("2", "Unified", "1M")]
+    caches.append(("3", "Unified", "260M"))  # shared between cores: left out
+    for i, (level, kind, size) in enumerate(caches):
+        index = tmp_path / f"index{i}"
+        index.mkdir()
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (index / name).write_text(value + "\n")
+    monkeypatch.setattr(align, "CACHE_INFO", tmp_path)
+    assert align._cache_bytes() == 2**20
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_pair_similarity_is_the_listed_entries(direction: str) -> None:
+    """Listed pairs (repeats, images listed with different numbers of captions, images
+    never listed) score as their entries of the all-pairs matrix, in any chunking."""
+    images, captions, lengths = _inputs(n=6, r=5, m=8, max_len=7, d=8, seed=10)
+    full = similarity(images, captions, lengths, direction)  # (6, 8)
+    g = torch.Generator().manual_seed(10)
+    image_index = torch.tensor([0, 3, 3, 3, 5, 0, 3, 1, 1, 5, 5, 5, 5])
+    caption_index = torch.randint(0, 8, image_index.shape, generator=g)
+    want = full[image_index, caption_index]
+    for block_bytes in (1, align.DEFAULT_BLOCK_BYTES):
+        got = pair_similarity(
+            images, captions, lengths, image_index, caption_index, direction, LAMBDA, block_bytes
+        )
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    dirty = captions.clone()
+    for j, length in enumerate(lengths):
+        dirty[j, length:] = float("nan")
+    got = pair_similarity(images, dirty, lengths, image_index, caption_index, direction)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    empty = pair_similarity(images, captions, lengths, image_index[:0], caption_index[:0])
+    assert empty.shape == (0,)

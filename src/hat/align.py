@@ -19,10 +19,19 @@ over queries of ``cos(q, c_q)``. The context is never materialised:
 the Gram matrix of the keys, so every product comes from ONE matrix
 multiplication of all regions of a block of images with all words of a block
 of captions.
+
+Entry points: :func:`similarity` (all pairs of a block of images and captions),
+:func:`grouped_similarity` (each group's own images against its own captions: a
+shortlist per query) and :func:`pair_similarity` (listed pairs of a gallery, grouped by
+image). All three chunk their work within one memory budget, ``block_bytes``
+(default :func:`block_budget`: :data:`DEFAULT_BLOCK_BYTES`, from the CPU's cache, on the
+CPU; :func:`pair_bytes` gives the bytes per pair to chunk by).
 """
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -31,11 +40,16 @@ from torch import Tensor
 
 __all__ = [
     "DEFAULT_BLOCK_BYTES",
+    "ACCELERATOR_BLOCK_BYTES",
     "attention_maps",
+    "block_budget",
     "grouped_similarity",
     "pooled_embeddings",
     "EPS",
     "LEAKY_SLOPE",
+    "LIVE_TEMPORARIES",
+    "pair_bytes",
+    "pair_similarity",
     "pooled_similarity",
     "scoring_dtype",
     "similarity",
@@ -43,9 +57,65 @@ __all__ = [
 
 EPS = 1e-8
 LEAKY_SLOPE = 0.1
-DEFAULT_BLOCK_BYTES = 64 * 2**20
-# Number of (N, R, M, L)-sized float temporaries alive at once inside a block.
-_LIVE_TEMPORARIES = 6
+# Tile-sized float temporaries alive at once while a tile is scored: the products ``s``,
+# the activations, the attention weights and their spread through the key Gram matrix.
+LIVE_TEMPORARIES = 4
+CACHE_INFO = Path("/sys/devices/system/cpu/cpu0/cache")
+# When the cache size cannot be read (not Linux): a typical per-core L2.
+FALLBACK_CACHE_BYTES = 2 * 2**20
+PER_CORE_CACHE_LEVEL = 2
+_SIZE_UNITS = {"K": 2**10, "M": 2**20}
+
+
+def _cache_bytes() -> int:
+    """Size of the largest per-core cache: the biggest data or unified cache of level
+    :data:`PER_CORE_CACHE_LEVEL` or below of ``cpu0``, read from sysfs (L2 on current x86
+    and ARM servers; the last level is shared between cores and left out);
+    :data:`FALLBACK_CACHE_BYTES` where that is unavailable."""
+    best = 0
+    for entry in CACHE_INFO.glob("index*"):
+        try:
+            level = int((entry / "level").read_text())
+            kind = (entry / "type").read_text().strip()
+            size = (entry / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        unit = _SIZE_UNITS.get(size[-1:])
+        if kind == "Instruction" or level > PER_CORE_CACHE_LEVEL or unit is None:
+            continue
+        if size[:-1].isdigit():
+            best = max(best, int(size[:-1]) * unit)
+    return best or FALLBACK_CACHE_BYTES
+
+
+DEFAULT_BLOCK_BYTES = LIVE_TEMPORARIES * _cache_bytes()
+"""The memory budget of one scoring tile, in bytes: each of its
+:data:`LIVE_TEMPORARIES` tile-sized temporaries the size of the per-core cache, so that
+the elementwise passes over a tile run from cache while its GEMM stays large enough to
+be efficient. The one knob for chunking the scorer's work; see :func:`pair_bytes`."""
+
+
+# Accelerators: the budget is memory, not cache; large tiles amortise kernel launches.
+ACCELERATOR_BLOCK_BYTES = 256 * 2**20
+
+
+def block_budget(device: torch.device) -> int:
+    """The default ``block_bytes`` for scoring on ``device``: :data:`DEFAULT_BLOCK_BYTES`
+    (cache-sized) on the CPU, :data:`ACCELERATOR_BLOCK_BYTES` elsewhere."""
+    return DEFAULT_BLOCK_BYTES if device.type == "cpu" else ACCELERATOR_BLOCK_BYTES
+
+
+def pair_bytes(regions: int, words: int, dim: int = 0, itemsize: int = 4) -> int:
+    """Bytes of scoring temporaries per (image, caption) pair at one level.
+
+    ``regions`` x ``words`` products, activations, weights and spread
+    (:data:`LIVE_TEMPORARIES` of them) in ``itemsize``-byte floats. With ``dim``, also
+    what a pair scored on its own (:func:`grouped_similarity`) adds: its own copy of the
+    image and caption tokens and its attended contexts, ``(regions + words) * dim``
+    values. A block of ``N`` images by ``M`` captions needs ``N * M`` times this; callers
+    chunk their work so that it stays within :func:`block_budget` (or their own
+    ``block_bytes``)."""
+    return itemsize * (LIVE_TEMPORARIES * regions * words + (regions + words) * dim)
 
 
 def scoring_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -69,67 +139,165 @@ def _word_mask(lengths: Tensor, max_len: int) -> Tensor:
 def _zero_padding(captions: Tensor, word_mask: Tensor) -> Tensor:
     """``(..., L, d)`` caption tokens with every padding position set to 0, whatever it
     held (inf and NaN included: a product with the mask would turn them into NaN)."""
-    return torch.where(word_mask[..., None], captions, captions.new_zeros(()))
+    return torch.where(word_mask[..., None], captions, 0.0)
+
+
+def _use_gram(key_tokens: int, query_tokens: int, dim: int) -> bool:
+    """Whether the context norms are cheaper through the keys' Gram matrix than through
+    the contexts themselves, for one key item (``key_tokens`` tokens) attended by
+    ``query_tokens`` query tokens in all: ``nk^2 d + nk^2 q`` against ``nk q d`` flops."""
+    return key_tokens * (dim + query_tokens) < dim * query_tokens
+
+
+def _attend(
+    keys: Tensor,
+    queries: Tensor,
+    key_bias: Tensor | None,
+    query_mask: Tensor | None,
+    query_norm: Tensor,
+    key_gram: Tensor | None,
+    lambda_softmax: float,
+) -> Tensor:
+    """Scores of ``G`` tiles, each ``K`` key items against ``Q`` query items.
+
+    Args:
+        keys: ``(G, K, nk, d)`` the attended side (words in i2t, regions in t2i), zero
+            at padding.
+        queries: ``(G, Q, nq, d)`` the attending side, zero at padding.
+        key_bias: ``(G, K, nk)`` 0 at valid keys, ``-inf`` at padding; None: all valid.
+        query_mask: ``(G, Q, nq)`` True at valid queries; None: all valid.
+        query_norm: ``(G, Q, nq)`` the queries' l2 norms.
+        key_gram: ``(G, K, nk, nk)`` the keys' Gram matrices; None: the contexts are
+            formed explicitly (cheaper when keys outnumber the queries they serve).
+        lambda_softmax: inverse temperature of the softmax over keys.
+
+    Returns:
+        ``(G, K, Q)`` mean over each item's valid queries of ``cos(q, c_q)``.
+
+    The products are laid out with the longer token axis innermost, keys-major
+    ``(G, K, nk, Q, nq)`` or queries-major ``(G, Q, nq, K, nk)``, so that the norms,
+    softmax and broadcasts run over long contiguous rows. The softmax is left
+    unnormalised: with ``e = exp(logits)`` and ``z`` its sum over keys,
+    ``q . c = (e . s) / z`` and ``|c| = sqrt(e G e^T) / z``, so
+    ``cos = (e . s) / max(|q| sqrt(e G e^T), eps z)``: the spec's clamp, exactly.
+    """
+    g, k, nk, d = keys.shape
+    _, q, nq, _ = queries.shape
+    cdtype = _compute_dtype(keys.dtype)
+    keys_major = nq >= nk
+    flat_keys, flat_queries = keys.reshape(g, k * nk, d), queries.reshape(g, q * nq, d)
+    if keys_major:
+        s = (flat_keys @ flat_queries.transpose(1, 2)).to(cdtype).view(g, k, nk, q, nq)
+        key_dim, query_dim = 2, 4
+        key_shape = (g, k, nk, 1, 1)
+    else:
+        s = (flat_queries @ flat_keys.transpose(1, 2)).to(cdtype).view(g, q, nq, k, nk)
+        key_dim, query_dim = 4, 2
+        key_shape = (g, 1, 1, k, nk)
+    a = F.leaky_relu(s, LEAKY_SLOPE)  # (G, K, nk, Q, nq) or (G, Q, nq, K, nk)
+    # Each key normalised across the queries of each item it meets: |n| <= 1.
+    # (a sum of squares: vector_norm reduces slowly across a non-innermost axis; the
+    # clamp only keeps sqrt's gradient finite at all-zero (padding) keys).
+    norm = torch.linalg.vecdot(a, a, dim=query_dim).clamp_min(torch.finfo(cdtype).tiny).sqrt()
+    scale = lambda_softmax / (norm.unsqueeze(query_dim) + EPS)
+    # lambda n - lambda lies in [-2 lambda, 0]: exp needs no running max while exp(-2
+    # lambda) is a normal float; beyond, the max over keys is subtracted.
+    shifted = 2 * lambda_softmax < _EXP_RANGE[cdtype]
+    bias = torch.full((), -lambda_softmax if shifted else 0.0, dtype=cdtype, device=s.device)
+    if key_bias is not None:
+        bias = bias + key_bias.reshape(key_shape)
+    if keys_major:  # scale is constant along the inner axis: addcmul broadcasts it slowly
+        logits = (a * scale).add_(bias)
+    else:
+        logits = torch.addcmul(bias, a, scale)
+    if not shifted:
+        logits = logits - logits.amax(dim=key_dim, keepdim=True)
+    e = logits.exp_()  # unnormalised softmax over keys
+    z = e.sum(dim=key_dim)  # (G, K, Q, nq) or (G, Q, nq, K)
+    numer = torch.linalg.vecdot(e, s, dim=key_dim)  # z q . c
+    if keys_major:
+        e_keys = e.view(g, k, nk, q * nq)  # (G, K, nk, Q nq)
+    else:
+        e_keys = e.view(g, q * nq, k, nk).permute(0, 2, 3, 1)  # (G, K, nk, Q nq)
+    if key_gram is not None:
+        spread = key_gram @ e_keys  # (G, K, nk, Q nq)
+        ctx_sq = torch.linalg.vecdot(spread, e_keys, dim=2)  # (G, K, Q nq) = z^2 |c|^2
+    else:
+        ctx = e_keys.transpose(2, 3) @ keys.to(cdtype)  # (G, K, Q nq, d) = z c
+        ctx_sq = torch.linalg.vecdot(ctx, ctx, dim=3)  # (G, K, Q nq)
+    if keys_major:
+        ctx_sq, norm_q = (
+            ctx_sq.reshape(g, k, q, nq),
+            query_norm[:, None],
+        )  # (G, K, Q, nq), (G, 1, Q, nq)
+        token_dim = 3
+    else:
+        ctx_sq, norm_q = ctx_sq.reshape(g, k, q, nq).permute(0, 2, 3, 1), query_norm[..., None]
+        token_dim = 2  # (G, Q, nq, K), (G, Q, nq, 1)
+    cos = numer / torch.maximum(norm_q * ctx_sq.clamp_min(0).sqrt(), EPS * z)
+    if query_mask is None:
+        scores = cos.mean(dim=token_dim)
+    else:
+        mask = query_mask.to(cdtype)  # (G, Q, nq)
+        mask = mask[:, None] if keys_major else mask[..., None]
+        scores = (cos * mask).sum(dim=token_dim) / mask.sum(dim=token_dim)
+    return scores if keys_major else scores.transpose(1, 2)  # (G, K, Q)
+
+
+# Largest x with exp(-x) a normal float: the shifted logits' range must stay above it.
+_EXP_RANGE = {dtype: -math.log(torch.finfo(dtype).tiny) for dtype in (torch.float32, torch.float64)}
+
+
+def _gram(tokens: Tensor) -> Tensor:
+    """``(..., n, d)`` -> ``(..., n, n)`` Gram matrices in the compute dtype."""
+    return (tokens @ tokens.transpose(-1, -2)).to(_compute_dtype(tokens.dtype))
+
+
+def _norms(tokens: Tensor) -> Tensor:
+    """``(..., n, d)`` -> ``(..., n)`` l2 norms in the compute dtype."""
+    return torch.linalg.vector_norm(tokens.to(_compute_dtype(tokens.dtype)), dim=-1)
 
 
 def _padding_bias(word_mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """(M, L) additive softmax bias: 0 for words, -inf for padding."""
+    """``(..., L)`` additive softmax bias: 0 for words, ``-inf`` for padding."""
     return torch.where(word_mask, 0.0, float("-inf")).to(dtype)
 
 
-def _block_scores(
+def _pair_scores(
     images: Tensor,
     captions: Tensor,
     word_mask: Tensor,
     direction: Literal["i2t", "t2i"],
     lambda_softmax: float,
+    query_norm: Tensor,
+    key_gram: Tensor | None,
 ) -> Tensor:
-    """Scores of a block: images (N, R, d), captions (M, L, d) zero-padded, word_mask (M, L)."""
-    n, r, d = images.shape
-    m, length, _ = captions.shape
-    cdtype = _compute_dtype(images.dtype)
-    # One GEMM for all region-word products of the block.
-    s = (images.reshape(n * r, d) @ captions.reshape(m * length, d).T).to(cdtype)
-    s = s.view(n, r, m, length)  # (N, R, M, L)
-    a = F.leaky_relu(s, LEAKY_SLOPE)  # (N, R, M, L)
-    mask = word_mask.to(cdtype)  # (M, L)
+    """``(G, A, B)`` scores of ``G`` tiles: images ``(G, A, R, d)`` against captions
+    ``(G, B, L, d)`` (zero-padded, ``word_mask`` ``(G, B, L)``), with the queries' norms
+    (images' ``(G, A, R)`` in i2t, captions' ``(G, B, L)`` in t2i) and the keys' Gram
+    matrices (or None)."""
     if direction == "i2t":
-        # Keys are words: normalise across regions for each word, softmax over words.
-        scale = lambda_softmax / (torch.linalg.vector_norm(a, dim=1, keepdim=True) + EPS)
-        logits = torch.addcmul(_padding_bias(word_mask, cdtype), a, scale)  # (N, R, M, L)
-        alpha = torch.softmax(logits, dim=3)  # (N, R, M, L)
-        numer = torch.linalg.vecdot(alpha, s, dim=3)  # (N, R, M)
-        gram = (captions @ captions.transpose(1, 2)).to(cdtype)  # (M, L, L)
-        spread = torch.einsum("nrml,mlk->nrmk", alpha, gram)  # (N, R, M, L)
-        ctx_sq = torch.linalg.vecdot(spread, alpha, dim=3)  # (N, R, M)
-        q_norm = torch.linalg.vector_norm(images.to(cdtype), dim=2)[:, :, None]  # (N, R, 1)
-        cos = numer / (q_norm * ctx_sq.clamp_min(0).sqrt()).clamp_min(EPS)  # (N, R, M)
-        return cos.mean(dim=1)  # (N, M)
-    # t2i: keys are regions: normalise across the caption's words for each region,
-    # softmax over regions, mean over the caption's words.
-    a = a * mask
-    a = a / (a.square().sum(dim=3, keepdim=True).sqrt() + EPS)
-    alpha = torch.softmax(lambda_softmax * a, dim=1)  # (N, R, M, L)
-    numer = (alpha * s).sum(dim=1)  # (N, M, L)
-    gram = (images @ images.transpose(1, 2)).to(cdtype)  # (N, R, R)
-    ctx_sq = (torch.einsum("nkr,nrml->nkml", gram, alpha) * alpha).sum(dim=1)  # (N, M, L)
-    q_norm = captions.to(cdtype).norm(dim=2)  # (M, L)
-    cos = numer / (q_norm * ctx_sq.clamp_min(0).sqrt()).clamp_min(EPS)  # (N, M, L)
-    lengths = mask.sum(dim=1)  # (M,)
-    return (cos * mask).sum(dim=2) / lengths  # (N, M)
+        bias = _padding_bias(word_mask, _compute_dtype(images.dtype))  # (G, B, L)
+        scores = _attend(captions, images, bias, None, query_norm, key_gram, lambda_softmax)
+        return scores.transpose(1, 2)  # (G, A, B)
+    return _attend(images, captions, None, word_mask, query_norm, key_gram, lambda_softmax)
 
 
-def _block_sizes(
-    n: int, r: int, m: int, length: int, itemsize: int, budget: int
-) -> tuple[int, int]:
-    """Image and caption block sizes whose temporaries fit in ``budget`` bytes."""
-    per_pair = r * length * itemsize * _LIVE_TEMPORARIES
-    pairs = max(1, budget // per_pair)
-    caption_block = max(1, min(m, int(pairs**0.5)))
-    image_block = max(1, min(n, pairs // caption_block))
-    if image_block == n:
-        caption_block = max(1, min(m, pairs // image_block))
+def _block_sizes(n: int, r: int, m: int, length: int, tile: int) -> tuple[int, int]:
+    """Image and caption block sizes of a tile of at most ``tile`` region-word products
+    (at least one pair), as square in tokens as the shapes allow so that its GEMM is
+    efficient: ``image_block * r`` close to ``caption_block * length``."""
+    side = math.isqrt(tile)
+    image_block = max(1, min(n, side // r))
+    caption_block = max(1, min(m, tile // (image_block * r * length)))
+    if caption_block == m:
+        image_block = max(1, min(n, tile // (m * r * length)))
     return image_block, caption_block
+
+
+def _check_direction(direction: str) -> None:
+    if direction not in ("i2t", "t2i"):
+        raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
 
 
 def similarity(
@@ -138,7 +306,7 @@ def similarity(
     caption_lengths: Tensor,
     direction: Literal["i2t", "t2i"] = "i2t",
     lambda_softmax: float = 9.0,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    block_bytes: int | None = None,
 ) -> Tensor:
     """HAT alignment score of every image against every caption, for one level.
 
@@ -151,24 +319,25 @@ def similarity(
         direction: ``"i2t"`` (regions attend to words, the reference default) or
             ``"t2i"`` (words attend to regions).
         lambda_softmax: inverse temperature of the attention softmax.
-        block_bytes: memory budget for the temporaries of one block; inputs of any
-            size are scored block by block within it.
+        block_bytes: memory budget for the temporaries of one tile (see
+            :func:`pair_bytes`; default :func:`block_budget` of the device); inputs of
+            any size are scored tile by tile within it.
 
     Returns:
         ``(N, M)`` scores in ``[-1, 1]``, in float32 for half-precision inputs and in
         the input dtype otherwise. Differentiable.
 
-    Captions are grouped by length so that each block is padded only to its own
-    longest caption.
+    Captions are grouped by length so that each tile is padded only to its own
+    longest caption. The keys' Gram matrices (captions' in i2t, images' in t2i) are
+    computed once per block of keys, for every tile of queries it meets.
     """
     if images.dim() != 3 or captions.dim() != 3 or images.shape[2] != captions.shape[2]:
         raise ValueError(
             f"expected images (N, R, d) and captions (M, L, d) of the same d, got "
             f"{tuple(images.shape)} and {tuple(captions.shape)}"
         )
-    if direction not in ("i2t", "t2i"):
-        raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
-    n, r, _ = images.shape
+    _check_direction(direction)
+    n, r, d = images.shape
     m, max_len, _ = captions.shape
     lengths = caption_lengths.to(device=captions.device, dtype=torch.long)
     if lengths.shape != (m,) or (m and (lengths.min() < 1 or lengths.max() > max_len)):
@@ -178,29 +347,49 @@ def similarity(
         return out
     word_mask = _word_mask(lengths, max_len)  # (M, L)
     captions = _zero_padding(captions, word_mask)  # (M, L, d)
-    order = torch.argsort(lengths, descending=True)
     device_type = images.device.type
     if torch.is_autocast_enabled(device_type):
         # Under AMP the products run in the autocast dtype; everything after them in float32.
         half = torch.get_autocast_dtype(device_type)
         images, captions = images.to(half), captions.to(half)
         out = out.float()
-    itemsize = torch.finfo(out.dtype).bits // 8
+    budget = block_budget(images.device) if block_bytes is None else block_bytes
+    tile = max(1, budget // pair_bytes(1, 1, itemsize=out.element_size()))
     with torch.autocast(device_type, enabled=False):
+        image_block, _ = _block_sizes(n, r, m, max_len, tile)
+        image_blocks = [slice(i, i + image_block) for i in range(0, n, image_block)]
+        # Caption blocks, longest first, each padded to its own longest caption.
+        order = torch.argsort(lengths, descending=True)
+        caption_blocks = []
         start = 0
         while start < m:
             block_len = int(lengths[order[start]])
-            image_block, caption_block = _block_sizes(
-                n, r, m - start, block_len, itemsize, block_bytes
-            )
+            _, caption_block = _block_sizes(image_block, r, m - start, block_len, tile)
             idx = order[start : start + caption_block]
-            caps, cmask = captions[idx, :block_len], word_mask[idx, :block_len]
-            for i in range(0, n, image_block):
-                block = _block_scores(
-                    images[i : i + image_block], caps, cmask, direction, lambda_softmax
-                )
-                out[i : i + image_block, idx] = block
+            caption_blocks.append(
+                (idx, captions[None, idx, :block_len], word_mask[None, idx, :block_len])
+            )
             start += caption_block
+        if direction == "i2t":  # keys are words: one Gram matrix per caption
+            image_norm = _norms(images)  # (N, R)
+            use_gram = _use_gram(max_len, n * r, d)
+            for idx, caps, cmask in caption_blocks:  # (1, Mb, Lb, d), (1, Mb, Lb)
+                gram = _gram(caps) if use_gram else None  # (1, Mb, Lb, Lb)
+                for rows in image_blocks:
+                    out[rows, idx] = _pair_scores(
+                        images[None, rows], caps, cmask, direction, lambda_softmax,
+                        image_norm[None, rows], gram,
+                    )[0]  # fmt: skip
+        else:  # keys are regions: one Gram matrix per image
+            caption_norms = [_norms(caps) for _, caps, _ in caption_blocks]  # (1, Mb, Lb) each
+            use_gram = _use_gram(r, int(lengths.sum()), d)
+            for rows in image_blocks:
+                imgs = images[None, rows]  # (1, Nb, R, d)
+                gram = _gram(imgs) if use_gram else None  # (1, Nb, R, R)
+                for (idx, caps, cmask), norm in zip(caption_blocks, caption_norms):
+                    out[rows, idx] = _pair_scores(
+                        imgs, caps, cmask, direction, lambda_softmax, norm, gram
+                    )[0]
     return out
 
 
@@ -210,6 +399,7 @@ def grouped_similarity(
     caption_lengths: Tensor,
     direction: Literal["i2t", "t2i"] = "i2t",
     lambda_softmax: float = 9.0,
+    block_bytes: int | None = None,
 ) -> Tensor:
     """HAT alignment scores of ``Q`` independent groups, each its own small block.
 
@@ -218,14 +408,149 @@ def grouped_similarity(
     ``(Q, A, B)``, the same numbers :func:`similarity` gives for those pairs. For
     reranking shortlists: one image with its ``k`` candidate captions (``A = 1``), one
     caption with its ``k`` candidate images (``B = 1``), or one pair (``A = B = 1``).
-    The block scorer is vectorised over groups (``torch.func.vmap``), so each group's
-    products are one batched matrix multiplication and the query's own terms (norms,
-    Gram matrix) are computed once per group, not once per pair.
+
+    Groups are scored in chunks whose temporaries fit ``block_bytes`` (see
+    :func:`pair_bytes`; default :func:`block_budget` of the device); each chunk is one
+    batched GEMM of every group's regions with its own words. The query side's terms
+    (norms, the Gram matrix of a single caption or image) are computed once per group;
+    when a group's keys outnumber its queries (an image's regions against one caption in
+    t2i) the contexts are formed directly instead of through the keys' Gram matrices.
+    Differentiable; half-precision inputs score in float32. To score many queries'
+    shortlists of one gallery without gathering a copy of every candidate image, see
+    :func:`pair_similarity`.
     """
-    word_mask = _word_mask(caption_lengths.to(captions.device), captions.shape[2])  # (Q, B, L)
+    if images.dim() != 4 or captions.dim() != 4 or images.shape[::3] != captions.shape[::3]:
+        raise ValueError(
+            f"expected images (Q, A, R, d) and captions (Q, B, L, d) of the same Q and d, "
+            f"got {tuple(images.shape)} and {tuple(captions.shape)}"
+        )
+    _check_direction(direction)
+    q, a, r, d = images.shape
+    _, b, max_len, _ = captions.shape
+    lengths = caption_lengths.to(device=captions.device, dtype=torch.long)
+    if lengths.shape != (q, b):
+        raise ValueError(f"caption_lengths must be (Q, B) = ({q}, {b}), got {tuple(lengths.shape)}")
+    word_mask = _word_mask(lengths, max_len)  # (Q, B, L)
     captions = _zero_padding(captions, word_mask)  # (Q, B, L, d)
-    scores = torch.func.vmap(_block_scores, in_dims=(0, 0, 0, None, None))
-    return scores(images, captions, word_mask, direction, lambda_softmax)  # (Q, A, B)
+    budget = block_budget(images.device) if block_bytes is None else block_bytes
+    return _grouped_scores(images, captions, word_mask, direction, lambda_softmax, budget)
+
+
+def _grouped_scores(
+    images: Tensor,
+    captions: Tensor,
+    word_mask: Tensor,
+    direction: Literal["i2t", "t2i"],
+    lambda_softmax: float,
+    block_bytes: int,
+    caption_gram: Tensor | None = None,
+) -> Tensor:
+    """:func:`grouped_similarity` of zero-padded captions ``(Q, B, L, d)`` with their
+    ``word_mask`` ``(Q, B, L)``; ``caption_gram`` ``(Q, B, L, L)``: the captions' Gram
+    matrices when the caller has them (i2t keys), else computed per chunk."""
+    q, a, r, d = images.shape
+    _, b, max_len, _ = captions.shape
+    out = torch.empty(q, a, b, dtype=_compute_dtype(images.dtype), device=images.device)
+    if direction == "i2t":
+        use_gram, query_tokens = _use_gram(max_len, a * r, d), r
+    else:
+        use_gram, query_tokens = _use_gram(r, b * max_len, d), max_len
+    # A chunk's own temporaries: the products' tiles, and the contexts when formed.
+    per_pair = pair_bytes(r, max_len, itemsize=out.element_size())
+    if not use_gram:
+        per_pair += query_tokens * d * out.element_size()
+    step = max(1, block_bytes // (a * b * per_pair))
+    for start in range(0, q, step):
+        rows = slice(start, start + step)
+        imgs, caps = images[rows], captions[rows]  # (Qc, A, R, d), (Qc, B, L, d)
+        keys, queries = (caps, imgs) if direction == "i2t" else (imgs, caps)
+        if not use_gram:
+            gram = None
+        elif direction == "i2t" and caption_gram is not None:
+            gram = caption_gram[rows]  # (Qc, B, L, L)
+        else:
+            gram = _gram(keys)
+        out[rows] = _pair_scores(
+            imgs, caps, word_mask[rows], direction, lambda_softmax, _norms(queries), gram
+        )
+    return out
+
+
+def pair_similarity(
+    images: Tensor,
+    captions: Tensor,
+    caption_lengths: Tensor,
+    image_index: Tensor,
+    caption_index: Tensor,
+    direction: Literal["i2t", "t2i"] = "i2t",
+    lambda_softmax: float = 9.0,
+    block_bytes: int | None = None,
+) -> Tensor:
+    """HAT alignment scores of listed (image, caption) pairs of a gallery, for one level.
+
+    Args:
+        images: ``(N, R, d)`` image tokens; captions ``(M, L, d)`` with
+            ``caption_lengths`` ``(M,)``, as for :func:`similarity`.
+        image_index: ``(P,)`` the image of each pair; caption_index ``(P,)`` its caption.
+        direction, lambda_softmax, block_bytes: as for :func:`similarity`.
+
+    Returns:
+        ``(P,)`` the scores :func:`similarity` gives for those pairs.
+
+    For reranking shortlists of either direction (or both at once): the pairs are
+    grouped by image, and each image is scored once against all of its listed captions
+    (:func:`grouped_similarity` with ``A = 1``, images of similar caption counts
+    batched together), so an image's tokens are read once rather than once per pair and
+    only the (shorter) captions are gathered. Differentiable.
+    """
+    _check_direction(direction)
+    pairs = image_index.shape[0]
+    if image_index.shape != caption_index.shape or image_index.dim() != 1:
+        raise ValueError(
+            f"image_index and caption_index must be (P,) alike, got "
+            f"{tuple(image_index.shape)} and {tuple(caption_index.shape)}"
+        )
+    n, r, d = images.shape
+    out = torch.empty(pairs, dtype=_compute_dtype(images.dtype), device=images.device)
+    if pairs == 0:
+        return out
+    image_index = image_index.to(device=images.device, dtype=torch.long)
+    caption_index = caption_index.to(device=images.device, dtype=torch.long)
+    lengths = caption_lengths.to(device=images.device, dtype=torch.long)
+    word_mask = _word_mask(lengths, captions.shape[1])  # (M, L)
+    captions = _zero_padding(captions, word_mask)  # (M, L, d), once for every pair
+    # In i2t the keys are words: each listed caption's Gram matrix once, not per pair.
+    listed, gram_slot = torch.unique(caption_index, return_inverse=True)  # (U,), (P,)
+    grams = _gram(captions[listed]) if direction == "i2t" else None  # (U, L, L)
+    order = torch.argsort(image_index, stable=True)  # (P,) pairs grouped by image
+    group_images, counts = torch.unique_consecutive(image_index[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts  # (U,) first pair of each image in order
+    by_count = torch.argsort(counts, descending=True, stable=True)  # (U,)
+    per_pair = pair_bytes(r, captions.shape[1], itemsize=out.element_size())
+    budget = block_budget(images.device) if block_bytes is None else block_bytes
+    start = 0
+    while start < len(by_count):
+        slots = int(counts[by_count[start]])  # the chunk's most captions per image
+        chunk = by_count[start : start + max(1, budget // (slots * per_pair))]  # (G,)
+        offsets = torch.arange(slots, device=images.device)  # (S,)
+        valid = offsets < counts[chunk, None]  # (G, S)
+        # Padding slots repeat the image's last pair; their scores are dropped.
+        position = starts[chunk, None] + torch.minimum(offsets, counts[chunk, None] - 1)
+        pair_ids = order[position]  # (G, S)
+        cap_ids = caption_index[pair_ids]  # (G, S)
+        words = int(lengths[cap_ids].max())
+        scores = _grouped_scores(
+            images[group_images[chunk]][:, None],  # (G, 1, R, d)
+            captions[:, :words][cap_ids],  # (G, S, Lc, d)
+            word_mask[:, :words][cap_ids],  # (G, S, Lc)
+            direction,
+            lambda_softmax,
+            budget,
+            None if grams is None else grams[:, :words, :words][gram_slot[pair_ids]],
+        )[:, 0]  # (G, S)
+        out[pair_ids[valid]] = scores[valid]
+        start += len(chunk)
+    return out
 
 
 def pooled_embeddings(
