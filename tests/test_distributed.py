@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ import torch.multiprocessing as mp
 from support import data_args
 from torch.nn.parallel import DistributedDataParallel
 
-from hat import distributed
+from hat import distributed, scorer
 from hat.checkpoint import load_training_checkpoint, resolve_model
 from hat.config import RetrievalConfig, apply_overrides, get_preset
 from hat.data import CaptionTokenizer, load_records, select_split
@@ -172,15 +173,18 @@ def _evaluation(annotations: Path) -> dict:
     model = HAT(cfg.model).eval()
     records = select_split(load_records(cfg.data), "test")
     encoder = Encoder(model)
-    # A budget of 3 images' float32 tokens: image blocks of 3, shared out unevenly.
+    # Image blocks of 3 images' float32 tokens, shared out unevenly.
     tokens = sum(g * g for g in model.image_tower.grid_sizes) * cfg.model.embed_dim
-    image_mb = 3 * tokens * torch.finfo(torch.float32).bits // 8 / 2**20
-    retrieval = RetrievalConfig(shortlist_k=5, storage_dtype="float32", block_mb=image_mb)
+    block = 3 * tokens * torch.finfo(torch.float32).bits // 8
+    retrieval = RetrievalConfig(shortlist_k=5, storage_dtype="float32")
     cpi, batch = cfg.data.captions_per_image, 3
     captions = [c for r in records for c in r.captions[:cpi]]
-    img, txt, scores = encode_and_score(encoder, records, captions, batch, 0, retrieval, False)
-    assert encoder.scorer(retrieval).images_per_block(img) == 3
-    report = evaluate(encoder, records, cpi, batch, folds=2, retrieval=retrieval, progress=False)
+    with mock.patch.object(scorer, "TOKEN_BLOCK_BYTES", block):
+        img, txt, scores = encode_and_score(encoder, records, captions, batch, 0, retrieval, False)
+        assert encoder.scorer(retrieval).images_per_block(img) == 3
+        report = evaluate(
+            encoder, records, cpi, batch, folds=2, retrieval=retrieval, progress=False
+        )
     return {
         "tensors": [*img.levels, img.global_embedding, *txt.levels, txt.lengths, scores.levels],
         "report": report.to_dict(),

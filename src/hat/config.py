@@ -486,14 +486,15 @@ class RetrievalConfig:
     ``compute_dtype``: ``auto`` is bfloat16 on CUDA and float32 elsewhere
     (normalisations and softmax always run in float32 or wider).
     ``block_mb``: the one memory budget of scoring (:class:`hat.scorer.Scorer`): the
-    temporaries of one block of pairs, and the tokens of one block of images moved to
-    the device, stay within it.
+    temporaries of one block of pairs stay within it; 0 picks it from the device
+    (:func:`hat.align.block_budget`: a few times the CPU's per-core cache, so the
+    elementwise work stays in cache; 256 MiB on an accelerator).
     """
 
     shortlist_k: int = _valid(0, ge=0)
     storage_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    block_mb: float = _valid(64.0, gt=0)
+    block_mb: float = _valid(0.0, ge=0)
 
     def __post_init__(self) -> None:
         _check_fields(self)

@@ -92,9 +92,8 @@ class Encoder:
 
     def scorer(self, retrieval: RetrievalConfig = RetrievalConfig()) -> Scorer:
         """The :class:`~hat.scorer.Scorer` of this model on this device."""
-        return Scorer(
-            self.config, self.device, retrieval.compute_dtype, int(retrieval.block_mb * 2**20)
-        )
+        budget = int(retrieval.block_mb * 2**20) if retrieval.block_mb else None
+        return Scorer(self.config, self.device, retrieval.compute_dtype, budget)
 
     # -- batches ----------------------------------------------------------------------
     def image_batches(

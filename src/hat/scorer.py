@@ -10,7 +10,7 @@ Entry points:
 - :meth:`Scorer.all_pairs`: every image against every caption (training batches,
   evaluation, exhaustive search), block by block within the budget;
 - :meth:`Scorer.rerank`: each query against its own candidates only (two-stage
-  search), as groups of the alignment's batched products;
+  search), as listed pairs grouped by image (:func:`hat.align.pair_similarity`);
 - :meth:`Scorer.attention_maps`: the weights one image and one caption are scored with.
 
 Shape legend: ``N`` images, ``M`` captions, ``Q`` queries, ``k`` candidates per
@@ -30,11 +30,11 @@ from hat import align
 from hat.config import ModelConfig
 from hat.features import ImageFeatures, Scores, TextFeatures
 
-__all__ = ["Scorer"]
+__all__ = ["TOKEN_BLOCK_BYTES", "Scorer"]
 
-FLOAT32_BYTES = 4
-# Per-pair tensors of a rerank group alive at once: products, weights and Gram terms.
-_RERANK_TEMPORARIES = 4
+# Tokens held at once outside the scoring temporaries: a block of images moved and cast
+# to the compute dtype, or of gallery items gathered for a rerank.
+TOKEN_BLOCK_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,9 @@ class Scorer:
         compute_dtype: ``auto`` (bfloat16 on CUDA, float32 elsewhere) or a dtype name;
             tokens are cast to it before the products (normalisations and softmax run
             in float32 or wider).
-        block_bytes: the memory budget of the temporaries of one block of pairs.
+        block_bytes: the memory budget of the temporaries of one block of pairs;
+            ``None``: :func:`hat.align.block_budget` of the device (cache-sized on the
+            CPU).
         cast: cast tokens to ``compute_dtype``; off for training, where the
             features arrive in the dtype autocast and the optimiser expect.
     """
@@ -55,8 +57,13 @@ class Scorer:
     cfg: ModelConfig
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     compute_dtype: str = "auto"
-    block_bytes: int = align.DEFAULT_BLOCK_BYTES
+    block_bytes: int | None = None
     cast: bool = True
+
+    @property
+    def budget(self) -> int:
+        """The memory budget in bytes (:attr:`block_bytes` or the device's default)."""
+        return align.block_budget(self.device) if self.block_bytes is None else self.block_bytes
 
     @classmethod
     def for_training(cls, cfg: ModelConfig) -> Scorer:
@@ -80,30 +87,8 @@ class Scorer:
             return align.pooled_similarity(images, captions, lengths)
         return align.similarity(
             images, captions, lengths, self.cfg.direction, self.cfg.lambda_softmax,
-            block_bytes=self.block_bytes,
+            block_bytes=self.budget,
         )  # fmt: skip
-
-    def grouped(
-        self, image_levels: list[Tensor], caption_levels: list[Tensor], lengths: Tensor
-    ) -> Tensor:
-        """``(K, Q, A, B)`` per-level scores of ``Q`` groups, each of ``A`` images
-        (``(Q, A, R_k, d)`` per level) against its own ``B`` captions (``(Q, B, L, d)``
-        per level, ``lengths`` ``(Q, B)``): the entries :meth:`all_pairs` gives for those
-        pairs, without the pairs across groups."""
-
-        def level_score(img: Tensor, cap: Tensor) -> Tensor:
-            if self.cfg.alignment == "mean_pool":
-                q, a, r, d = img.shape
-                _, b, length, _ = cap.shape
-                image_mean, caption_mean = align.pooled_embeddings(
-                    img.reshape(q * a, r, d), cap.reshape(q * b, length, d), lengths.reshape(-1)
-                )  # (Q*A, d), (Q*B, d)
-                return image_mean.view(q, a, d) @ caption_mean.view(q, b, d).transpose(1, 2)
-            return align.grouped_similarity(
-                img, cap, lengths, self.cfg.direction, self.cfg.lambda_softmax
-            )  # (Q, A, B)
-
-        return torch.stack([level_score(i, c) for i, c in zip(image_levels, caption_levels)])
 
     # -- all pairs --------------------------------------------------------------------
     def all_pairs(
@@ -132,13 +117,15 @@ class Scorer:
         return Scores(levels=levels, total=levels.sum(dim=0))
 
     def images_per_block(self, images: ImageFeatures) -> int:
-        """Images whose tokens, in the compute dtype, fit in the budget (at least one).
-        Without casting (training) the batch is scored whole: it is already in memory."""
+        """Images moved (and cast) to the device at once: as many as
+        :data:`TOKEN_BLOCK_BYTES` of their tokens in the compute dtype hold, at least one.
+        Without casting (training) the batch is scored whole: it is already in place.
+        The temporaries inside a block stay within :attr:`budget` either way."""
         if not self.cast:
             return max(1, len(images))
         itemsize = torch.finfo(self.dtype).bits // 8
         per_image = sum(t.shape[1] * t.shape[2] for t in images.levels) * itemsize
-        return max(1, self.block_bytes // max(per_image, 1))
+        return max(1, TOKEN_BLOCK_BYTES // max(per_image, 1))
 
     # -- rerank -----------------------------------------------------------------------
     @torch.no_grad()
@@ -154,57 +141,41 @@ class Scorer:
 
         ``queries="image"``: query ``q`` is image ``q`` of ``images`` and ``candidates``
         ``(Q, k)`` index ``captions``; ``"caption"``: query ``q`` is caption ``q`` and
-        ``candidates`` index ``images``. Each query is one group of :meth:`grouped`;
-        queries are taken in chunks whose temporaries fit in the budget.
+        ``candidates`` index ``images``. The ``Q * k`` pairs are scored as listed pairs
+        (:func:`hat.align.pair_similarity`: grouped by image, no candidate copied),
+        within the budget; never as blocks of all pairs.
         """
         num_queries, k = candidates.shape
-        out = torch.empty(len(self.cfg.levels), num_queries, k)
-        pairs = self._pairs_per_chunk(images, captions)
-        rows, cols = max(1, pairs // max(k, 1)), min(max(k, 1), pairs)  # queries, candidates
-        for start in range(0, num_queries, rows):
-            chunk = torch.arange(start, min(start + rows, num_queries))  # (Qc,)
-            for first in range(0, k, cols):
-                cand = candidates[chunk, first : first + cols]  # (Qc, kc)
-                out[:, chunk, first : first + cols] = self._rerank_block(
-                    images, captions, chunk, cand, queries
-                )
-        return out
+        query = torch.arange(num_queries).repeat_interleave(k)  # (Q * k,)
+        listed = candidates.reshape(-1)  # (Q * k,)
+        image_index, caption_index = (query, listed) if queries == "image" else (listed, query)
+        imgs = [self._place(t) for t in images.levels]  # (N, R_k, d) each
+        caps = [self._place(t) for t in captions.levels]  # (M, L, d) each
+        lengths = captions.lengths.to(caps[0].device)  # (M,)
+        scores = torch.stack(
+            [
+                self._listed(img, cap, lengths, image_index, caption_index)
+                for img, cap in zip(imgs, caps)
+            ]
+        )  # (K, Q * k)
+        return scores.float().cpu().reshape(len(imgs), num_queries, k)
 
-    def _rerank_block(
+    def _listed(
         self,
-        images: ImageFeatures,
-        captions: TextFeatures,
-        chunk: Tensor,
-        cand: Tensor,
-        queries: Literal["image", "caption"],
+        images: Tensor,
+        captions: Tensor,
+        lengths: Tensor,
+        image_index: Tensor,
+        caption_index: Tensor,
     ) -> Tensor:
-        """``(K, Qc, kc)`` scores of queries ``chunk`` with their candidates ``cand``."""
-        if queries == "image":
-            lengths = captions.lengths[cand]  # (Qc, kc)
-            words = int(lengths.max())
-            imgs = [t[chunk][:, None] for t in images.levels]  # (Qc, 1, R, d) each
-            caps = [t[:, :words][cand] for t in captions.levels]  # (Qc, kc, L, d) each
-        else:
-            lengths = captions.lengths[chunk][:, None]  # (Qc, 1)
-            words = int(lengths.max())
-            imgs = [t[cand] for t in images.levels]  # (Qc, kc, R, d) each
-            caps = [t[chunk, :words][:, None] for t in captions.levels]  # (Qc, 1, L, d) each
-        scores = self.grouped(
-            [self._place(t) for t in imgs], [self._place(t) for t in caps], lengths.to(self.device)
-        )  # (K, Qc, A, B)
-        return scores.reshape(len(self.cfg.levels), *cand.shape).float().cpu()
-
-    def _pairs_per_chunk(self, images: ImageFeatures, captions: TextFeatures) -> int:
-        """Pairs whose per-pair temporaries (products, weights and Gram matrices of every
-        level, in float32) fit in the budget."""
-        length = captions.levels[0].shape[1]
-        per_pair = sum(
-            (t.shape[1] * length + t.shape[1] ** 2 + length**2)
-            * FLOAT32_BYTES
-            * _RERANK_TEMPORARIES
-            for t in images.levels
-        )
-        return max(1, self.block_bytes // per_pair)
+        """``(P,)`` scores of the listed (image, caption) pairs at one level."""
+        if self.cfg.alignment == "mean_pool":
+            image_mean, caption_mean = align.pooled_embeddings(images, captions, lengths)
+            return (image_mean[image_index] * caption_mean[caption_index]).sum(dim=-1)
+        return align.pair_similarity(
+            images, captions, lengths, image_index, caption_index, self.cfg.direction,
+            self.cfg.lambda_softmax, block_bytes=self.budget,
+        )  # fmt: skip
 
     # -- images against images --------------------------------------------------------
     @staticmethod

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from hat._optional import needs_extra
 from hat.features import ImageFeatures, TextFeatures
-from hat.scorer import Scorer
+from hat.scorer import TOKEN_BLOCK_BYTES, Scorer
 
 if TYPE_CHECKING:
     import faiss
@@ -194,13 +194,13 @@ class Searcher:
         self, queries: ImageFeatures | TextFeatures, gallery: Gallery, candidates: Tensor
     ) -> Tensor:
         """``(K, Q, c)`` exact scores of each query with its own candidates, the gallery
-        read a block of candidates at a time (the tokens of a block's items within the
-        scorer's budget)."""
+        read a block of candidates at a time (the tokens of a block's items within
+        :data:`hat.scorer.TOKEN_BLOCK_BYTES`)."""
         num_levels = len(self.scorer.cfg.levels)
         num_queries, width = candidates.shape
         out = torch.empty(num_levels, num_queries, width)
         usable = candidates.clamp_min(0)  # MISSING slots score item 0, then are masked
-        block_items = self.scorer.block_bytes // max(gallery.item_bytes * num_queries, 1)
+        block_items = TOKEN_BLOCK_BYTES // max(gallery.item_bytes * num_queries, 1)
         step = max(1, block_items)
         for start in range(0, width, step):
             cols = usable[:, start : start + step]  # (Q, c_b)
