@@ -13,9 +13,10 @@ For each shape set (levels summed) and direction it times, interleaved and as me
 
 and prints microseconds per pair (best of ``--repeat`` calls, median over ``--rounds``
 interleaved rounds) and the ratio rerank / all-pairs. The candidates are
-gathered from the gallery tensors inside the timed call, as ``hat.search.rerank`` does
+gathered from the gallery tensors inside the timed call, as a grouped rerank must
 (the gather alone is printed too); and ``--pair-queries`` caption queries scored as
-listed pairs with ``pair_similarity`` (grouped by image; no image is gathered). Then the
+listed pairs with ``pair_similarity`` (grouped by image; no image is gathered), the path
+:meth:`hat.scorer.Scorer.rerank` (so every Searcher) takes. Then the
 two-stage estimate for text queries on a gallery of ``--gallery`` images and 5 captions
 each with a ``--share`` shortlist: exhaustive = all pairs x all-pairs cost; two-stage =
 faiss shortlist (measured) + the shortlisted pairs x the caption-query cost (grouped
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from hat.align import grouped_similarity, pair_similarity, similarity
-from hat.search import shortlist
+from hat.search import exact_inner_product
 
 CAPTIONS_PER_IMAGE = 5
 
@@ -97,7 +98,7 @@ def rerank_call(
     gather_only: bool = False,
 ) -> Callable[[], object]:
     """One rerank of every query against its ``candidates`` ``(Q, k)``, all levels, as
-    ``hat.search.rerank`` gathers them (or only the gather)."""
+    a grouped rerank gathers them (or only the gather)."""
     q = candidates.shape[0]
 
     def run() -> None:
@@ -184,7 +185,8 @@ def shortlist_seconds(shapes: Shapes, args: argparse.Namespace) -> float:
         torch.randn(CAPTIONS_PER_IMAGE * args.gallery, shapes.global_dim, generator=g), dim=1
     )
     k = max(1, round(args.share * args.gallery))
-    return best_seconds(lambda: shortlist(texts, images, k), args.repeat)
+    index = exact_inner_product(images.numpy())  # what a FeatureGallery shortlists with
+    return best_seconds(lambda: index.search(texts.numpy(), k), args.repeat)
 
 
 def main() -> None:
