@@ -124,3 +124,26 @@ def test_one_step_lowers_the_loss() -> None:
         optimizer.step()
         losses.append(loss.item())
     assert losses[1] < losses[0]
+
+
+def test_region_positions_tell_regions_apart() -> None:
+    """``model.image.region_positions``: one learnt (T, C) table per level, added to the
+    stage tokens before projection; it trains with the projections (not frozen with
+    the backbone) and is off in the paper preset."""
+    assert not get_preset("paper").model.image.region_positions
+    cfg = get_preset("tiny").model
+    image = dataclasses.replace(cfg.image, region_positions=True)
+    model = HAT(dataclasses.replace(cfg, image=image)).eval()
+    tower = model.image_tower
+    assert [tuple(p.shape) for p in tower.region_positions] == [
+        (1, g * g, w) for g, w in zip(tower.grid_sizes, tower.widths)
+    ]
+    model.set_backbones_trainable(image=False, text=False)
+    assert all(p.requires_grad for p in tower.region_positions)
+    images = torch.zeros(1, 3, 64, 64)  # a blank image: every region alike but for its place
+    with_positions = model.encode_image(images).levels[0]  # (1, T, d)
+    assert with_positions[0].std(dim=0).min() > 0
+    for p in tower.region_positions:
+        p.data.zero_()
+    blank = model.encode_image(images).levels[0]  # (1, T, d)
+    assert not torch.allclose(with_positions, blank)

@@ -223,7 +223,10 @@ class ImageTowerConfig:
     checkpoint (``.safetensors`` or ``.pth``); weights are never downloaded.
     Training augmentation is RandomResizedCrop with ``train_crop_scale`` and, when
     ``train_hflip``, a horizontal flip; data whose captions say "left" and "right"
-    (the built-in scenes) must turn the flip off.
+    (the built-in scenes) must turn the flip off. ``region_positions``: a learnt
+    ``(T, C)`` table per level added to the stage tokens before projection, so that a
+    word can find a region by where it is (Swin's relative position bias alone says
+    little of it); not in the reference.
     """
 
     backbone: str = _valid("swin_base_patch4_window7_224", nonempty=True)
@@ -237,6 +240,7 @@ class ImageTowerConfig:
     eval_resize: int = _valid(256, ge=1)
     train_crop_scale: tuple[float, float] = _valid((0.08, 1.0), gt=0, le=1)
     train_hflip: bool = True
+    region_positions: bool = False
 
     def __post_init__(self) -> None:
         _check_fields(self)

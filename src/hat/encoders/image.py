@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import timm
+import torch
 from torch import Tensor, nn
 
 from hat.config import ImageTowerConfig
@@ -76,6 +77,15 @@ class ImageTower(nn.Module):
             {str(s): nn.LayerNorm(w) for s, w in zip(stages, self.widths) if s != num_stages}
         )
         self.projections = nn.ModuleList(Projection(w, embed_dim, init_std) for w in self.widths)
+        # (1, T, C) per level, added to the normalised stage tokens: where a region is.
+        self.region_positions = (
+            nn.ParameterList(
+                nn.Parameter(torch.randn(1, g * g, w) * init_std)
+                for g, w in zip(self.grid_sizes, self.widths)
+            )
+            if cfg.region_positions
+            else None
+        )
 
     def stage_norm(self, stage: int) -> nn.Module:
         """The LayerNorm applied to a stage's output."""
@@ -86,6 +96,8 @@ class ImageTower(nn.Module):
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Everything but the projections: what the freeze schedule freezes."""
         proj = {id(p) for p in self.projections.parameters()}
+        if self.region_positions is not None:
+            proj |= {id(p) for p in self.region_positions.parameters()}
         return [p for p in self.parameters() if id(p) not in proj]
 
     def stage_tokens(self, images: Tensor) -> list[Tensor]:
@@ -103,7 +115,10 @@ class ImageTower(nn.Module):
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """Projected tokens: images (B, 3, H, W) -> one ``(B, T, d)`` per level."""
-        return [proj(t) for proj, t in zip(self.projections, self.stage_tokens(images))]
+        tokens = self.stage_tokens(images)  # (B, T, C) per level
+        if self.region_positions is not None:
+            tokens = [t + pos for t, pos in zip(tokens, self.region_positions)]
+        return [proj(t) for proj, t in zip(self.projections, tokens)]
 
 
 def _require_file(cfg: ImageTowerConfig) -> Path:
