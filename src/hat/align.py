@@ -48,6 +48,7 @@ __all__ = [
     "EPS",
     "LEAKY_SLOPE",
     "LIVE_TEMPORARIES",
+    "mean_words",
     "pair_bytes",
     "pair_similarity",
     "pooled_similarity",
@@ -553,16 +554,22 @@ def pair_similarity(
     return out
 
 
+def mean_words(captions: Tensor, caption_lengths: Tensor) -> Tensor:
+    """Mean of each caption's words: ``(M, L, d)`` tokens, ``(M,)`` lengths -> ``(M, d)``,
+    padding (``>= caption_lengths``) left out, in the tokens' dtype."""
+    word_mask = _word_mask(caption_lengths.to(captions.device), captions.shape[1])  # (M, L)
+    words = _zero_padding(captions, word_mask)  # (M, L, d)
+    return words.sum(dim=1) / word_mask.sum(dim=1, keepdim=True).to(captions.dtype)  # (M, d)
+
+
 def pooled_embeddings(
     images: Tensor, captions: Tensor, caption_lengths: Tensor
 ) -> tuple[Tensor, Tensor]:
     """l2-normalised mean tokens: images ``(N, R, d)`` -> ``(N, d)``; captions
     ``(M, L, d)`` -> ``(M, d)`` with padding (``>= caption_lengths``) left out."""
     cdtype = _compute_dtype(images.dtype)
-    word_mask = _word_mask(caption_lengths.to(captions.device), captions.shape[1])  # (M, L)
     image_mean = images.to(cdtype).mean(dim=1)  # (N, d)
-    words = _zero_padding(captions, word_mask).to(cdtype)  # (M, L, d)
-    caption_mean = words.sum(dim=1) / word_mask.sum(dim=1, keepdim=True).to(cdtype)  # (M, d)
+    caption_mean = mean_words(captions.to(cdtype), caption_lengths)  # (M, d)
     return F.normalize(image_mean, dim=-1), F.normalize(caption_mean, dim=-1)
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hat import align
 from hat.config import ModelConfig, get_preset, list_presets
 from hat.encoders import ImageTower, TextTower
 from hat.encoders.common import Projection
@@ -79,10 +80,9 @@ class HAT(nn.Module):
 
     def pool_text(self, levels: list[Tensor], attention_mask: Tensor) -> Tensor:
         """``(M, d)`` mean of level ``global_level``'s ``(M, L, d)`` projected tokens over
-        the words of the ``(M, L)`` attention mask."""
-        mask = attention_mask.to(levels[0].dtype)[:, :, None]  # (M, L, 1)
+        the words of the ``(M, L)`` right-padded attention mask."""
         tokens = levels[self.config.global_level]  # (M, L, d)
-        return (tokens * mask).sum(dim=1) / mask.sum(dim=1)
+        return align.mean_words(tokens, attention_mask.sum(dim=1))  # (M, d)
 
     def image_global_embedding(self, pooled: Tensor) -> Tensor:
         """``(N, d)`` pooled tokens -> ``(N, g)`` l2-normalised global embeddings."""
