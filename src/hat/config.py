@@ -663,6 +663,9 @@ def _presets() -> dict[str, ExperimentConfig]:
                 image_size=64,
                 eval_resize=64,
                 kwargs=_tiny_swin(32, (2, 2, 2, 2), (1, 2, 4, 8), 4),
+                # From scratch, Swin's tokens barely know where they are; captions name
+                # places ("at the bottom right", "left of"): README, "Training recipe".
+                region_positions=True,
                 **_SCENE_AUGMENTATION,
             ),
             text=TextTowerConfig(path="minilm"),
