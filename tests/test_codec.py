@@ -75,8 +75,8 @@ def test_bad_codec_settings_are_refused_naming_the_field(collection, tmp_path):
     with pytest.raises(ValueError, match="index.token_codecs: 2 codecs"):
         level_codecs(("pq", "int8"), 3)
     with pytest.raises(ValueError, match="index.codec_dims_per_byte: 5 does not divide .* 32"):
-        Index.create(tmp_path / "a", collection["model"], IndexConfig(token_codecs=("pq",),
-                                                                      codec_dims_per_byte=5))  # fmt: skip
+        cfg = IndexConfig(token_codecs=("pq",), codec_dims_per_byte=5)
+        Index.create(tmp_path / "a", collection["model"], cfg)
 
 
 def _synthetic_index(root: Path, model_dir: Path, codecs: tuple[str, ...]) -> list[np.ndarray]:
@@ -228,9 +228,7 @@ def _rewrite_manifest(root: Path, edit) -> None:
         db.execute("UPDATE meta SET value = ? WHERE key = 'manifest'", (text,))
 
 
-def test_a_format_1_index_opens_as_float16_and_a_newer_one_is_refused(
-    collection_index, tmp_path
-):
+def test_a_format_1_index_opens_as_float16_and_a_newer_one_is_refused(collection_index, tmp_path):
     root = Path(shutil.copytree(collection_index, tmp_path / "index"))
 
     def to_v1(data: dict) -> None:
