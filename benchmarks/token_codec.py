@@ -164,7 +164,6 @@ def main() -> None:
     parser.add_argument("--shortlist", type=int, default=20, help="two-stage shortlist")
     parser.add_argument("--dims-per-byte", type=int, default=4, help="pq's dims per code byte")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.model and Path(args.model).is_dir():
         images, texts, truth, scorer = real(Path(args.model), args.gallery)
         print(f"\n(a) {args.model}: {len(images)} generated scenes x {len(texts)} captions\n")
