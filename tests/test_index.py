@@ -5,17 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from support import SCENES
+from support import SCENES, add_then_kill, start_add
 
 import hat
 from hat.checkpoint import save_model
@@ -200,45 +196,17 @@ def test_large_collections_use_an_approximate_index(tmp_path, collection):
         assert [h.id for h in hits] == [h.id for h in index.search_text("a red star", 3, True)]
 
 
-KILL_SCRIPT = """
-import sys
-from hat.config import IndexConfig
-from hat.index import Index
-index = Index.open(sys.argv[1], cfg=IndexConfig(batch_size=1, commit_every=1), writable=True)
-index.add_images(sys.argv[2], progress=False)
-"""
-
-
 def test_kill_during_add_keeps_previous_content_and_a_rerun_completes(
     tmp_path, collection, images_copy
 ):
     Index.create(tmp_path / "index", collection["model"]).close()
-    database = tmp_path / "index" / "index.sqlite"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "index"),
-                             str(images_copy)])  # fmt: skip
-    deadline = time.time() + 120
-    committed = 0
-    while time.time() < deadline and committed < 2 and proc.poll() is None:
-        time.sleep(0.05)
-        with sqlite3.connect(database) as db:
-            committed = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    with Index.open(tmp_path / "index") as index:
-        survivors = len(index)
-        assert 0 < survivors <= SCENES
-        assert len(index.search_text("a shape", k=SCENES)) == survivors
-    with Index.open(tmp_path / "index", writable=True) as index:
-        report = index.add_images(images_copy, progress=False)
-        assert report.added == SCENES - survivors and report.unchanged == survivors
-        assert len(index.search_text("a shape", k=SCENES)) == SCENES
+    add_then_kill(tmp_path / "index", images_copy, IndexConfig(batch_size=1, commit_every=1))
 
 
 def test_readers_search_while_a_writer_adds(tmp_path, collection, images_copy):
     Index.create(tmp_path / "index", collection["model"]).close()
     reader = Index.open(tmp_path / "index")
-    writer = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "index"),
-                               str(images_copy)])  # fmt: skip
+    writer = start_add(tmp_path / "index", images_copy, IndexConfig(batch_size=1, commit_every=1))
     seen = []
     while writer.poll() is None:
         seen.append(len(reader.search_text("a shape", k=SCENES)))

@@ -38,6 +38,7 @@ __all__ = [
     "DEVICE_AUTO",
     "RUN_CONFIG",
     "SELECTABLE_METRICS",
+    "TOKEN_CODECS",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
@@ -104,6 +105,8 @@ DEVICE_AUTO = "auto"
 # the server's (ServeConfig.max_pixels); checked before any pixel is decoded.
 DEFAULT_MAX_PIXELS = 64_000_000
 # Metrics that validation may select the best epoch by: higher is better for each.
+# The token codecs of an index (hat.index.codec.CODECS: that module's names and order).
+TOKEN_CODECS = ("float16", "int8", "int4", "pq")
 SELECTABLE_METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
 
@@ -538,6 +541,10 @@ class IndexConfig:
     faiss index; above it in an IVF index with ``ivf_lists_per_sqrt * sqrt(n)`` lists,
     of which ``nprobe`` are visited per query. ``shortlist``: candidates per query
     that two-stage search reranks with HAT's exact score.
+    ``token_codecs``: how a NEW index stores image tokens (recorded in its manifest at
+    creation; an existing index keeps its own): one codec for every level, or one per
+    level, of :data:`TOKEN_CODECS` (see :mod:`hat.index.codec`). ``codec_dims_per_byte``:
+    dims per code byte of ``pq`` (it must divide the model's joint width).
     """
 
     batch_size: int = _valid(32, ge=1)
@@ -547,6 +554,8 @@ class IndexConfig:
     ivf_lists_per_sqrt: float = _valid(4.0, gt=0)
     nprobe: int = _valid(16, ge=1)
     shortlist: int = _valid(200, ge=1)
+    token_codecs: tuple[str, ...] = _valid(("float16",), nonempty=True, among=TOKEN_CODECS)
+    codec_dims_per_byte: int = _valid(4, ge=1)
 
     def __post_init__(self) -> None:
         _check_fields(self)

@@ -106,7 +106,8 @@ def gather(
         if global_only:
             continue
         for k, level in enumerate(arrays.levels):
-            levels[k].append(_finite(level[take], folder / f"level{k + 1}.npy", store))
+            name = store.level_file(kind, int(seg), k)
+            levels[k].append(_finite(level[take], folder / name, store))  # (m, T_k, d) decoded
         if arrays.lengths is not None:
             lengths.append(arrays.lengths[take])
     inverse = np.empty_like(order)

@@ -25,6 +25,7 @@ from hat.config import IndexConfig, RetrievalConfig
 from hat.encoder import Encoder, load_any_model
 from hat.features import ImageFeatures, TextFeatures
 from hat.index.builder import AddReport, IndexBuilder
+from hat.index.codec import check_dims_per_byte, level_codecs
 from hat.index.gallery import SegmentGallery
 from hat.index.reader import CaptionEntry
 from hat.index.store import IndexFormatError, IndexStore, Kind, Manifest, Problem
@@ -189,7 +190,14 @@ class Index:
         cfg: IndexConfig = IndexConfig(),
         device: str | torch.device = "cpu",
     ) -> Index:
-        """A new, empty index in ``root`` for the model at ``model_path``."""
+        """A new, empty index in ``root`` for the model at ``model_path``, storing image
+        tokens with ``cfg.token_codecs`` (:mod:`hat.index.codec`).
+
+        Raises:
+            ValueError: a codec name that is not known, a number of codecs that is
+                neither one nor the model's levels, or a ``cfg.codec_dims_per_byte`` that
+                does not divide the model's joint width (for ``pq``).
+        """
         from hat.checkpoint import model_fingerprint, resolve_model
 
         model = resolve_model(model_path)
@@ -200,7 +208,11 @@ class Index:
             grids=tuple(model.image_tower.grid_sizes),
             embed_dim=model.config.embed_dim,
             global_dim=model.config.global_dim,
+            codecs=level_codecs(cfg.token_codecs, len(model.image_tower.grid_sizes)),
+            codec_dims_per_byte=cfg.codec_dims_per_byte,
         )
+        for codec in manifest.codecs:
+            check_dims_per_byte(codec, manifest.embed_dim, manifest.codec_dims_per_byte)
         return cls(IndexStore.create(root, manifest), model, cfg, torch.device(device))
 
     @classmethod
@@ -256,6 +268,8 @@ class Index:
             "fingerprint": manifest.fingerprint,
             "levels": [{"tokens": t, "grid": g} for t, g in zip(manifest.tokens, manifest.grids)],
             "embed_dim": manifest.embed_dim,
+            "format_version": manifest.format_version,
+            "token_codecs": list(manifest.codecs),
             "bytes_on_disk": size,
             "generation": self.store.generation(),
             "problems": [str(p) for p in self.store.check()],

@@ -5,8 +5,20 @@ Layout of an index folder::
     manifest.json          format version, model fingerprint, level shapes (written once)
     index.sqlite           images, captions, segments, meta (WAL mode)
     segments/image-000001/ level1.npy ... levelK.npy (n, T_k, d) float16, global.npy (n, g)
+                           (a level of a trained token codec: levelK.codes.npy (n, T_k, c) uint8)
     segments/caption-000002/ the same, plus lengths.npy (n,); levels padded to (n, L, d)
     image.faiss, caption.faiss   global embeddings, ids = SQLite row ids
+    codebook-levelK.faiss  the trained token codec of level K (format 2; see hat.index.codec)
+
+Token codecs (format 2): the manifest names each level's codec. A trained codec is
+trained on the first image segment with enough tokens of its level, in the writer that
+commits that segment: the codebook is written atomically, then the segment, then ONE
+transaction registers both (the codebook's checksum, and meta ``codebook_levelK``: the
+first segment coded with it). Image segments from that one on store that level's codes;
+earlier ones keep it in float16. Captions are always stored in float16. A codebook that
+does not match its checksum makes the index refuse to open (``strict``), and a repair
+drops it with every segment coded with it (their codes mean nothing without it: re-add
+their images); the next segment large enough trains a new one.
 
 Writes are crash-safe: a segment is written to a temporary folder, fsynced and
 renamed, then ONE SQLite transaction registers it with its rows and the size and
@@ -51,6 +63,8 @@ import numpy as np
 
 from hat._optional import needs_extra
 from hat.checkpoint import atomic_write
+from hat.config import IndexConfig
+from hat.index.codec import CODECS, FLOAT16, CodedLevel, TokenCodec
 
 if TYPE_CHECKING:
     import faiss
@@ -67,7 +81,9 @@ __all__ = [
     "sha256_file",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this hat reads: 1 (before token codecs: every level float16) and 2.
+READABLE_VERSIONS = (1, 2)
 FORMAT_NAME = "hat-index"
 MANIFEST = "manifest.json"
 DATABASE = "index.sqlite"
@@ -78,6 +94,11 @@ Kind = Literal["image", "caption"]
 STORAGE_DTYPE = np.float16
 SQLITE_MAX_INT = 2**63 - 1
 HASH_CHUNK = 2**20
+CODEBOOK = "codebook-level{level}.faiss"
+CODEBOOK_GLOB = "codebook-level*.faiss"
+CODEBOOK_META = "codebook_level{level}"
+CODES_DTYPE = np.uint8
+DEFAULT_DIMS_PER_BYTE = IndexConfig.codec_dims_per_byte
 TABLES = ("meta", "segments", "images", "captions")
 
 _SCHEMA = """
@@ -117,14 +138,16 @@ class Problem:
         part: ``segment`` (its rows are dropped by a repair: re-add their files),
             ``manifest`` (restored from the database's copy), ``faiss`` (derived: any
             writer rewrites it), ``orphan`` (a leftover of an interrupted write: removed),
-            ``unchecked`` (a file written before checksums: its checksum is recorded) or
-            ``database`` (cannot be repaired: rebuild the index).
+            ``unchecked`` (a file written before checksums: its checksum is recorded),
+            ``codebook`` (a damaged token codebook: dropped, with the segments coded
+            with it, which are listed as ``segment`` problems) or ``database`` (cannot
+            be repaired: rebuild the index).
         segment: the damaged segment's id (``part == "segment"``).
     """
 
     path: Path
     what: str
-    part: Literal["segment", "manifest", "faiss", "orphan", "unchecked", "database"]
+    part: Literal["segment", "manifest", "faiss", "orphan", "unchecked", "database", "codebook"]
     segment: int | None = None
 
     def __str__(self) -> str:
@@ -231,6 +254,9 @@ class Manifest:
         grids: side of each level's grid.
         embed_dim: joint width ``d``.
         global_dim: width ``g`` of the global embeddings.
+        codecs: the token codec of each level (:data:`hat.index.codec.CODECS`); empty:
+            float16 for every level (and always for a format-1 index).
+        codec_dims_per_byte: ``pq``'s dims per code byte.
     """
 
     model_path: str
@@ -240,16 +266,28 @@ class Manifest:
     embed_dim: int
     global_dim: int
     format_version: int = FORMAT_VERSION
+    codecs: tuple[str, ...] = ()
+    codec_dims_per_byte: int = DEFAULT_DIMS_PER_BYTE
+
+    def __post_init__(self) -> None:
+        if not self.codecs:
+            object.__setattr__(self, "codecs", (FLOAT16,) * len(self.tokens))
 
     def to_dict(self) -> dict:
-        return {
+        levels = [{"tokens": t, "grid": g} for t, g in zip(self.tokens, self.grids)]
+        data = {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
             "model": {"path": self.model_path, "fingerprint": self.fingerprint},
-            "levels": [{"tokens": t, "grid": g} for t, g in zip(self.tokens, self.grids)],
+            "levels": levels,
             "embed_dim": self.embed_dim,
             "global_dim": self.global_dim,
         }
+        if self.format_version >= FORMAT_VERSION:
+            for level, codec in zip(levels, self.codecs):
+                level["codec"] = codec
+            data["codec_dims_per_byte"] = self.codec_dims_per_byte
+        return data
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
@@ -269,20 +307,29 @@ class Manifest:
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise IndexFormatError(f"{path}: not a {FORMAT_NAME} manifest")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise IndexFormatError(
-                f"{path}: index format version {version}, this hat reads version "
-                f"{FORMAT_VERSION}; rebuild the index with `hat index build`"
+                f"{path}: index format version {version}, this hat reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}; rebuild the index with "
+                f"`hat index build` (or use the hat that wrote it)"
             )
         try:
-            return cls(
+            levels = data["levels"]
+            manifest = cls(
                 model_path=str(data["model"]["path"]),
                 fingerprint=str(data["model"]["fingerprint"]),
-                tokens=tuple(int(level["tokens"]) for level in data["levels"]),
-                grids=tuple(int(level["grid"]) for level in data["levels"]),
+                tokens=tuple(int(level["tokens"]) for level in levels),
+                grids=tuple(int(level["grid"]) for level in levels),
                 embed_dim=int(data["embed_dim"]),
                 global_dim=int(data["global_dim"]),
+                format_version=int(version),
+                codecs=tuple(str(level.get("codec", FLOAT16)) for level in levels),
+                codec_dims_per_byte=int(data.get("codec_dims_per_byte", DEFAULT_DIMS_PER_BYTE)),
             )
+            unknown = [c for c in manifest.codecs if c not in CODECS]
+            if unknown or len(manifest.codecs) != len(manifest.tokens):
+                raise ValueError(f"token codecs {list(manifest.codecs)}")
+            return manifest
         except (KeyError, TypeError, ValueError) as err:
             raise IndexFormatError(f"{path}: incomplete manifest: missing or bad {err}") from err
 
@@ -352,6 +399,7 @@ class IndexStore:
         self.manifest = manifest
         self.readonly = readonly
         self._segments: dict[int, SegmentArrays] = {}
+        self._codecs: dict[int, TokenCodec] = {}  # level index -> its trained codec
         self.db = _Database(root / DATABASE, readonly)
         self.opening_problems: list[Problem] = []
 
@@ -413,18 +461,26 @@ class IndexStore:
             )
         store = cls(root, manifest, readonly)
         store.opening_problems = problems
+        if strict:
+            try:
+                for k in range(len(manifest.tokens)):
+                    store.level_codec(k)
+            except BaseException:
+                store.close()
+                raise
         return store
 
     def close(self) -> None:
         self.db.close()
         self._segments.clear()
+        self._codecs.clear()
 
     @contextmanager
     def writer(self) -> Iterator[IndexStore]:
         """Exclusive write access; removes orphan segment folders left by a crash."""
         with self._locked():
             self._remove_orphans()
-            problems = [p for p in self.check() if p.part in ("segment", "database")]
+            problems = [p for p in self.check() if p.part in ("segment", "database", "codebook")]
             if problems:
                 listed = "; ".join(map(str, problems[:3]))
                 more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
@@ -466,6 +522,8 @@ class IndexStore:
         known = {self.segment_dir(k, i).name for i, k in self.db.execute(
             "SELECT id, kind FROM segments")}  # fmt: skip
         found = [e for e in (self.root / SEGMENTS).iterdir() if e.name not in known]
+        recorded = self._recorded("codebook-")
+        found += [p for p in sorted(self.root.glob(CODEBOOK_GLOB)) if p.name not in recorded]
         return found + sorted(self.root.glob(".*.tmp"))
 
     def _remove_orphans(self) -> None:
@@ -523,8 +581,58 @@ class IndexStore:
     def _has_files_table(self) -> bool:
         return bool(self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'files'"))
 
-    def _segment_files(self, kind: str) -> list[str]:
-        names = [f"level{k + 1}.npy" for k in range(len(self.manifest.tokens))] + ["global.npy"]
+    # -- token codecs --------------------------------------------------------------
+    def codebook_path(self, k: int) -> Path:
+        """The codebook file of level ``k`` (0-based)."""
+        return self.root / CODEBOOK.format(level=k + 1)
+
+    def coded_from(self, k: int) -> int | None:
+        """The first image segment coded with level ``k``'s codebook (``None``: none yet)."""
+        value = self._meta(CODEBOOK_META.format(level=k + 1))
+        return None if value is None else int(value)
+
+    def level_codec(self, k: int) -> TokenCodec | None:
+        """Level ``k``'s trained codec (cached), ``None`` before it is trained.
+
+        Raises:
+            DamagedFile: its codebook does not match the checksum recorded at commit or
+                faiss cannot read it.
+        """
+        if k in self._codecs:
+            return self._codecs[k]
+        if self.coded_from(k) is None:
+            return None
+        path = self.codebook_path(k)
+        record = self._recorded(path.name).get(path.name)
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            what = f"token codebook unreadable ({err.strerror})"
+            raise DamagedFile(path, what, self.root) from err
+        if record is None or (len(data), hashlib.sha256(data).hexdigest()) != record:
+            what = "token codebook does not match the checksum recorded when it was written"
+            raise DamagedFile(path, what, self.root)
+        m = self.manifest
+        try:
+            codec = TokenCodec.deserialize(m.codecs[k], m.embed_dim, m.codec_dims_per_byte, data)
+        except (RuntimeError, ValueError) as err:
+            last = str(err).strip().splitlines()[-1] if str(err).strip() else "unreadable"
+            raise DamagedFile(path, f"faiss cannot read the codebook ({last})", self.root) from err
+        self._codecs[k] = codec
+        return codec
+
+    def _coded(self, kind: str, segment: int) -> list[bool]:
+        """Whether each level of a segment is stored as codes."""
+        firsts = [self.coded_from(k) for k in range(len(self.manifest.tokens))]
+        return [kind == "image" and f is not None and segment >= f for f in firsts]
+
+    def level_file(self, kind: str, segment: int, k: int) -> str:
+        """The file name of level ``k`` of a segment."""
+        return f"level{k + 1}.codes.npy" if self._coded(kind, segment)[k] else f"level{k + 1}.npy"
+
+    def _segment_files(self, kind: str, segment: int) -> list[str]:
+        levels = range(len(self.manifest.tokens))
+        names = [self.level_file(kind, segment, k) for k in levels] + ["global.npy"]
         return names + (["lengths.npy"] if kind == "caption" else [])
 
     def _load_segment(self, kind: str, segment: int, count: int) -> SegmentArrays:
@@ -533,7 +641,7 @@ class IndexStore:
         folder = self.segment_dir(kind, segment)
         recorded = self._recorded(f"{SEGMENTS}/{folder.name}/")
         arrays = {}
-        for name in self._segment_files(kind):
+        for name in self._segment_files(kind, segment):
             path = folder / name
             record = recorded.get(f"{SEGMENTS}/{folder.name}/{name}")
             try:
@@ -547,12 +655,16 @@ class IndexStore:
                 why = "missing" if isinstance(err, FileNotFoundError) else str(err)
                 raise DamagedFile(path, f"damaged segment file ({why})", self.root) from err
         m = self.manifest
-        levels = [arrays[f"level{k + 1}.npy"] for k in range(len(m.tokens))]
+        coded = self._coded(kind, segment)
+        names = [self.level_file(kind, segment, k) for k in range(len(m.tokens))]
+        levels = [arrays[name] for name in names]
         width = levels[0].shape[1] if levels[0].ndim == 3 else -1
+        codecs = [self.level_codec(k) if coded[k] else None for k in range(len(m.tokens))]
         expected = {
-            f"level{k + 1}.npy": (count, m.tokens[k] if kind == "image" else width, m.embed_dim)
-            for k in range(len(m.tokens))
-        }
+            name: (count, m.tokens[k] if kind == "image" else width,
+                   m.embed_dim if codecs[k] is None else codecs[k].code_size)
+            for k, name in enumerate(names)
+        }  # fmt: skip
         expected["global.npy"] = (count, m.global_dim)
         expected["lengths.npy"] = (count,)
         for name, array in arrays.items():
@@ -564,7 +676,8 @@ class IndexStore:
                     self.root,
                 )
         lengths = np.asarray(arrays["lengths.npy"]) if kind == "caption" else None
-        return SegmentArrays(levels, arrays["global.npy"], lengths)
+        views = [lv if c is None else CodedLevel(lv, c) for lv, c in zip(levels, codecs)]
+        return SegmentArrays(views, arrays["global.npy"], lengths)
 
     def segment(self, kind: Kind, segment: int) -> SegmentArrays:
         """The memory-mapped arrays of a committed segment (cached), checked as
@@ -580,15 +693,46 @@ class IndexStore:
             self._segments[segment] = self._load_segment(kind, segment, rows[0][0])
         return self._segments[segment]
 
-    def _write_segment(self, kind: Kind, arrays: SegmentArrays) -> tuple[int, list[tuple]]:
-        """Write a segment's files; returns its id and the ``(name, bytes, sha256)``
-        records of its files, for the commit."""
+    def _train_codecs(self, kind: Kind, segment: int, arrays: SegmentArrays) -> dict:
+        """Train, on this segment, each trained codec of an image level that has none
+        yet and enough tokens here; writes its codebook file (atomically, not yet
+        recorded). Returns ``level -> (codec, record)`` for the commit."""
+        trained = {}
+        if kind != "image":
+            return trained
+        m = self.manifest
+        for k, name in enumerate(m.codecs):
+            if name == FLOAT16 or self.level_codec(k) is not None:
+                continue
+            codec = TokenCodec(name, m.embed_dim, m.codec_dims_per_byte)
+            level = arrays.levels[k]  # (n, T_k, d)
+            if level.shape[0] * level.shape[1] < codec.min_train:
+                continue
+            codec.train(np.asarray(level, dtype=np.float32))
+            data = codec.serialize()
+            path = self.codebook_path(k)
+            atomic_write(path, lambda p, d=data: p.write_bytes(d))
+            trained[k] = (codec, (path.name, len(data), hashlib.sha256(data).hexdigest()))
+        return trained
+
+    def _write_segment(self, kind: Kind, arrays: SegmentArrays) -> tuple[int, list[tuple], dict]:
+        """Write a segment's files (training codecs first, see :meth:`_train_codecs`);
+        returns its id, the ``(name, bytes, sha256)`` records of its files and the codecs
+        trained on it, for the commit."""
         (last,) = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM segments")[0]
         segment = last + 1
+        trained = self._train_codecs(kind, segment, arrays)
         tmp = self.root / SEGMENTS / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir()
         for k, level in enumerate(arrays.levels):
-            _save_array(tmp / f"level{k + 1}.npy", level.astype(STORAGE_DTYPE, copy=False))
+            codec = trained[k][0] if k in trained else None
+            if codec is None and kind == "image" and self.coded_from(k) is not None:
+                codec = self.level_codec(k)
+            if codec is None:
+                _save_array(tmp / f"level{k + 1}.npy", level.astype(STORAGE_DTYPE, copy=False))
+            else:  # (n, T_k, c) uint8
+                codes = codec.encode(np.asarray(level, dtype=np.float32)).astype(CODES_DTYPE)
+                _save_array(tmp / f"level{k + 1}.codes.npy", codes)
         _save_array(tmp / "global.npy", arrays.global_embedding.astype(np.float32, copy=False))
         if arrays.lengths is not None:
             _save_array(tmp / "lengths.npy", arrays.lengths.astype(np.int64, copy=False))
@@ -601,13 +745,20 @@ class IndexStore:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-        return segment, records
+        return segment, records, trained
 
-    def _register(self, segment: int, kind: Kind, count: int, records: list[tuple]) -> float:
-        """Inside a commit's transaction: the segment's row and its files' checksums."""
+    def _register(
+        self, segment: int, kind: Kind, count: int, records: list[tuple], trained: dict
+    ) -> float:
+        """Inside a commit's transaction: the segment's row, its files' checksums and
+        those of the codebooks trained on it, with the first segment they code."""
         now = time.time()
         self.db.execute("INSERT INTO segments VALUES (?, ?, ?, ?)", (segment, kind, count, now))
+        records = records + [record for _, record in trained.values()]
         self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?)", records)
+        for k in trained:
+            key = CODEBOOK_META.format(level=k + 1)
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(segment)))
         return now
 
     def commit_images(
@@ -618,9 +769,9 @@ class IndexStore:
         ``rows``: dicts with ``path, sha256, bytes, mtime_ns, width, height``, in the
         segment's row order; ``replaces``: ids of older rows of the same paths.
         """
-        segment, records = self._write_segment("image", arrays)
+        segment, records, trained = self._write_segment("image", arrays)
         with self.db:
-            now = self._register(segment, "image", len(rows), records)
+            now = self._register(segment, "image", len(rows), records, trained)
             self.db.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in replaces])
             self.db.executemany(
                 "INSERT INTO images (path, sha256, bytes, mtime_ns, width, height, added, "
@@ -632,14 +783,15 @@ class IndexStore:
                 ],
             )  # fmt: skip
             self._bump("image")
+        self._codecs.update({k: codec for k, (codec, _) in trained.items()})
 
     def commit_captions(
         self, keys: Sequence[tuple[str, str | None]], arrays: SegmentArrays
     ) -> None:
         """Write a segment of captions ``(text, image_path)`` and register it."""
-        segment, records = self._write_segment("caption", arrays)
+        segment, records, trained = self._write_segment("caption", arrays)
         with self.db:
-            now = self._register(segment, "caption", len(keys), records)
+            now = self._register(segment, "caption", len(keys), records, trained)
             self.db.executemany(
                 "INSERT INTO captions (text, image_path, added, segment, row) "
                 "VALUES (?, ?, ?, ?, ?)",
@@ -769,12 +921,17 @@ class IndexStore:
             if report != ["ok"]:
                 problems.append(Problem(self.root / DATABASE, "; ".join(report[:5]), "database"))
         recorded = self._recorded("")
+        for k in range(len(self.manifest.tokens)):
+            try:
+                self.level_codec(k)
+            except DamagedFile as err:  # its segments are listed below, as damaged
+                problems.append(Problem(err.path, err.what, "codebook"))
         segments = self.db.execute("SELECT id, kind, count FROM segments ORDER BY id")
         for segment, kind, count in segments:
             folder = self.segment_dir(kind, segment)
             try:
                 self._load_segment(kind, segment, count)
-                hashed = self._segment_files(kind) if full else ["global.npy"]
+                hashed = self._segment_files(kind, segment) if full else ["global.npy"]
                 for name in hashed:
                     record = recorded.get(f"{SEGMENTS}/{folder.name}/{name}")
                     if record is None and full:
@@ -822,7 +979,9 @@ class IndexStore:
         Returns the image paths whose rows were dropped (add them again to re-encode)."""
         dropped: list[str] = []
         for problem in problems:
-            if problem.part == "manifest":
+            if problem.part == "codebook":
+                self._drop_codebook(problem.path)
+            elif problem.part == "manifest":
                 text = _recorded_manifest(self.root / DATABASE)
                 if text is not None:
                     atomic_write(self.root / MANIFEST, lambda p, t=text: p.write_text(t))
@@ -854,3 +1013,15 @@ class IndexStore:
             for kind in KINDS:
                 shutil.rmtree(self.segment_dir(kind, segment), ignore_errors=True)
         return dropped
+
+    def _drop_codebook(self, path: Path) -> None:
+        """Forget a damaged codebook: its record, its meta key and its file (the segments
+        coded with it are dropped as damaged segments). The next image segment with enough
+        tokens trains a new one."""
+        level = next(k for k in range(len(self.manifest.tokens)) if self.codebook_path(k) == path)
+        with self.db:
+            self.db.execute("DELETE FROM files WHERE name = ?", (path.name,))
+            key = CODEBOOK_META.format(level=level + 1)
+            self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
+        self._codecs.pop(level, None)
+        path.unlink(missing_ok=True)
