@@ -101,18 +101,22 @@ def real(model_dir: Path, gallery: int) -> tuple[ImageFeatures, TextFeatures, np
     return images, texts, np.array([i for i, _ in captions]), encoder.scorer()
 
 
-def coded(images: ImageFeatures, name: str, dims_per_byte: int) -> ImageFeatures:
-    """The gallery as an index stores it under codec ``name``, decoded."""
-    levels = []
+def coded(images: ImageFeatures, name: str, dims_per_byte: int) -> tuple[ImageFeatures, list[str]]:
+    """The gallery as an index stores it under codec ``name``, decoded, and the codec
+    each level ends in: a level with fewer tokens than the codec trains on stays
+    float16, as an index keeps its segments until one is large enough."""
+    levels, used = [], []
     for level in images.levels:
         tokens = level.numpy()  # (N, T, d)
-        if name == FLOAT16:
-            levels.append(torch.from_numpy(tokens.astype(np.float16).astype(np.float32)))
-            continue
         codec = TokenCodec(name, tokens.shape[-1], dims_per_byte)
+        if name == FLOAT16 or tokens.shape[0] * tokens.shape[1] < codec.min_train:
+            levels.append(torch.from_numpy(tokens.astype(np.float16).astype(np.float32)))
+            used.append(FLOAT16)
+            continue
         codec.train(tokens)
         levels.append(torch.from_numpy(codec.decode(codec.encode(tokens))))
-    return ImageFeatures(levels, images.global_embedding)
+        used.append(name)
+    return ImageFeatures(levels, images.global_embedding), used
 
 
 def table(images, texts, truth, scorer: Scorer, shortlist: int, dims_per_byte: int) -> str:
@@ -129,7 +133,7 @@ def table(images, texts, truth, scorer: Scorer, shortlist: int, dims_per_byte: i
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     reference = None
     for name in CODECS:
-        decoded = coded(images, name, dims_per_byte)
+        decoded, used = coded(images, name, dims_per_byte)
         with torch.no_grad():
             scores = scorer.all_pairs(decoded, texts).total.T  # (M, N)
         top = scores.topk(TOP, dim=1).indices  # (M, 10)
@@ -140,8 +144,8 @@ def table(images, texts, truth, scorer: Scorer, shortlist: int, dims_per_byte: i
         ranked = Searcher(scorer, shortlist).search(texts, FeatureGallery(decoded), max(RECALL_AT))
         hit = ranked.positions.numpy() == truth[:, None]  # (M, 10)
         recall = [100 * hit[:, :r].any(axis=1).mean() for r in RECALL_AT]
-        sizes = [codec_bytes_per_token(name, lv.shape[-1], dims_per_byte) * lv.shape[1]
-                 for lv in images.levels]  # fmt: skip
+        sizes = [codec_bytes_per_token(c, lv.shape[-1], dims_per_byte) * lv.shape[1]
+                 for c, lv in zip(used, images.levels)]  # fmt: skip
         row = [
             name,
             *map(str, sizes),
