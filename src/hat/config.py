@@ -554,7 +554,7 @@ class IndexConfig:
     ivf_lists_per_sqrt: float = _valid(4.0, gt=0)
     nprobe: int = _valid(16, ge=1)
     shortlist: int = _valid(200, ge=1)
-    token_codecs: tuple[str, ...] = _valid(("float16",), nonempty=True, among=TOKEN_CODECS)
+    token_codecs: tuple[str, ...] = _valid(("pq",), nonempty=True, among=TOKEN_CODECS)
     codec_dims_per_byte: int = _valid(4, ge=1)
 
     def __post_init__(self) -> None:
