@@ -109,7 +109,7 @@ def coded(images: ImageFeatures, name: str, dims_per_byte: int) -> tuple[ImageFe
     for level in images.levels:
         tokens = level.numpy()  # (N, T, d)
         codec = TokenCodec(name, tokens.shape[-1], dims_per_byte)
-        if name == FLOAT16 or tokens.shape[0] * tokens.shape[1] < codec.min_train:
+        if name == FLOAT16 or not codec.can_train(tokens):
             levels.append(torch.from_numpy(tokens.astype(np.float16).astype(np.float32)))
             used.append(FLOAT16)
             continue

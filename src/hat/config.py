@@ -104,9 +104,9 @@ DEVICE_AUTO = "auto"
 # The one pixel limit (width * height) of every image read: the loader's default and
 # the server's (ServeConfig.max_pixels); checked before any pixel is decoded.
 DEFAULT_MAX_PIXELS = 64_000_000
-# Metrics that validation may select the best epoch by: higher is better for each.
 # The token codecs of an index (hat.index.codec.CODECS: that module's names and order).
 TOKEN_CODECS = ("float16", "int8", "int4", "pq")
+# Metrics that validation may select the best epoch by: higher is better for each.
 SELECTABLE_METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
 

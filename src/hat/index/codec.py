@@ -144,13 +144,17 @@ class TokenCodec:
         """Bytes per token."""
         return codec_bytes_per_token(self.name, self.dim, self.dims_per_byte)
 
+    def can_train(self, tokens: np.ndarray) -> bool:
+        """Whether ``(n, T, d)`` tokens are enough to train this codec on."""
+        return tokens.shape[0] * tokens.shape[1] >= self.min_train
+
     def train(self, tokens: np.ndarray) -> None:
         """Train on ``(n, T, d)`` tokens (at least :attr:`min_train` of them)."""
         with needs_extra("index"):
             import faiss
 
         flat = tokens.reshape(-1, self.dim)  # (n T, d)
-        if len(flat) < self.min_train:
+        if not self.can_train(tokens):
             raise ValueError(f"{self.name} needs {self.min_train} tokens to train, got {len(flat)}")
         if len(flat) > MAX_TRAIN_TOKENS:
             pick = np.random.default_rng(TRAIN_SEED).choice(len(flat), MAX_TRAIN_TOKENS, False)

@@ -706,7 +706,7 @@ class IndexStore:
                 continue
             codec = TokenCodec(name, m.embed_dim, m.codec_dims_per_byte)
             level = arrays.levels[k]  # (n, T_k, d)
-            if level.shape[0] * level.shape[1] < codec.min_train:
+            if not codec.can_train(level):
                 continue
             codec.train(np.asarray(level, dtype=np.float32))
             data = codec.serialize()
