@@ -267,18 +267,19 @@ def _padding_bias(word_mask: Tensor, dtype: torch.dtype) -> Tensor:
 def _pair_scores(
     images: Tensor,
     captions: Tensor,
-    word_mask: Tensor,
+    word_mask: Tensor | None,
     direction: Literal["i2t", "t2i"],
     lambda_softmax: float,
     query_norm: Tensor,
     key_gram: Tensor | None,
 ) -> Tensor:
     """``(G, A, B)`` scores of ``G`` tiles: images ``(G, A, R, d)`` against captions
-    ``(G, B, L, d)`` (zero-padded, ``word_mask`` ``(G, B, L)``), with the queries' norms
-    (images' ``(G, A, R)`` in i2t, captions' ``(G, B, L)`` in t2i) and the keys' Gram
-    matrices (or None)."""
+    ``(G, B, L, d)`` (zero-padded, ``word_mask`` ``(G, B, L)``; None: no padding), with
+    the queries' norms (images' ``(G, A, R)`` in i2t, captions' ``(G, B, L)`` in t2i)
+    and the keys' Gram matrices (or None)."""
     if direction == "i2t":
-        bias = _padding_bias(word_mask, _compute_dtype(images.dtype))  # (G, B, L)
+        dtype = _compute_dtype(images.dtype)
+        bias = None if word_mask is None else _padding_bias(word_mask, dtype)  # (G, B, L)
         scores = _attend(captions, images, bias, None, query_norm, key_gram, lambda_softmax)
         return scores.transpose(1, 2)  # (G, A, B)
     return _attend(images, captions, None, word_mask, query_norm, key_gram, lambda_softmax)
@@ -440,15 +441,18 @@ def grouped_similarity(
 def _grouped_scores(
     images: Tensor,
     captions: Tensor,
-    word_mask: Tensor,
+    word_mask: Tensor | None,
     direction: Literal["i2t", "t2i"],
     lambda_softmax: float,
     block_bytes: int,
     caption_gram: Tensor | None = None,
+    query_norm: Tensor | None = None,
 ) -> Tensor:
     """:func:`grouped_similarity` of zero-padded captions ``(Q, B, L, d)`` with their
-    ``word_mask`` ``(Q, B, L)``; ``caption_gram`` ``(Q, B, L, L)``: the captions' Gram
-    matrices when the caller has them (i2t keys), else computed per chunk."""
+    ``word_mask`` ``(Q, B, L)`` (None: every caption has ``L`` words). When the caller
+    has them: ``caption_gram`` ``(Q, B, L, L)``, the captions' Gram matrices (i2t keys),
+    and ``query_norm``, the queries' token norms (images' ``(Q, A, R)`` in i2t,
+    captions' ``(Q, B, L)`` in t2i); else they are computed per chunk."""
     q, a, r, d = images.shape
     _, b, max_len, _ = captions.shape
     out = torch.empty(q, a, b, dtype=_compute_dtype(images.dtype), device=images.device)
@@ -471,10 +475,32 @@ def _grouped_scores(
             gram = caption_gram[rows]  # (Qc, B, L, L)
         else:
             gram = _gram(keys)
-        out[rows] = _pair_scores(
-            imgs, caps, word_mask[rows], direction, lambda_softmax, _norms(queries), gram
-        )
+        norm = _norms(queries) if query_norm is None else query_norm[rows]
+        mask = None if word_mask is None else word_mask[rows]
+        out[rows] = _pair_scores(imgs, caps, mask, direction, lambda_softmax, norm, gram)
     return out
+
+
+class _RowGather:
+    """``table[rows]`` for contiguous ``(n, ...)`` tables, each row copied whole (a 2-D
+    ``index_select``: several times faster on the CPU than advanced indexing of a 3-D or
+    4-D tensor), into scratch memory reused from one call to the next when no gradient
+    is needed (fresh pages for every chunk's copy cost as much as the copy). A result is
+    valid until the next call."""
+
+    def __init__(self) -> None:
+        self._scratch: Tensor | None = None
+
+    def __call__(self, table: Tensor, rows: Tensor) -> Tensor:
+        flat = table.reshape(table.shape[0], -1)  # (n, prod(...)), a view when contiguous
+        if torch.is_grad_enabled() and table.requires_grad:
+            return flat.index_select(0, rows).view(len(rows), *table.shape[1:])
+        size = len(rows) * flat.shape[1]
+        scratch = self._scratch
+        if scratch is None or scratch.numel() < size or scratch.dtype != table.dtype:
+            scratch = self._scratch = table.new_empty(size)
+        out = scratch[:size].view(len(rows), flat.shape[1])
+        return torch.index_select(flat, 0, rows, out=out).view(len(rows), *table.shape[1:])
 
 
 def pair_similarity(
@@ -499,10 +525,12 @@ def pair_similarity(
         ``(P,)`` the scores :func:`similarity` gives for those pairs.
 
     For reranking shortlists of either direction (or both at once): the pairs are
-    grouped by image, and each image is scored once against all of its listed captions
-    (:func:`grouped_similarity` with ``A = 1``, images of similar caption counts
-    batched together), so an image's tokens are read once rather than once per pair and
-    only the (shorter) captions are gathered. Differentiable.
+    grouped by image and caption length, and each group is scored as one image against
+    its listed captions (:func:`grouped_similarity` with ``A = 1``; groups of one length
+    and similar sizes batched together), so an image's tokens are read once per group
+    rather than once per pair, only the (shorter) captions are gathered, and no caption
+    is padded. Token norms, and the captions' Gram matrices in i2t, are computed once
+    per image or caption, not per pair. Differentiable.
     """
     _check_direction(direction)
     pairs = image_index.shape[0]
@@ -518,39 +546,68 @@ def pair_similarity(
     image_index = image_index.to(device=images.device, dtype=torch.long)
     caption_index = caption_index.to(device=images.device, dtype=torch.long)
     lengths = caption_lengths.to(device=images.device, dtype=torch.long)
-    word_mask = _word_mask(lengths, captions.shape[1])  # (M, L)
-    captions = _zero_padding(captions, word_mask)  # (M, L, d), once for every pair
-    # In i2t the keys are words: each listed caption's Gram matrix once, not per pair.
-    listed, gram_slot = torch.unique(caption_index, return_inverse=True)  # (U,), (P,)
-    grams = _gram(captions[listed]) if direction == "i2t" else None  # (U, L, L)
-    order = torch.argsort(image_index, stable=True)  # (P,) pairs grouped by image
-    group_images, counts = torch.unique_consecutive(image_index[order], return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts  # (U,) first pair of each image in order
-    by_count = torch.argsort(counts, descending=True, stable=True)  # (U,)
-    per_pair = pair_bytes(r, captions.shape[1], itemsize=out.element_size())
+    max_len = captions.shape[1]
+    captions = _zero_padding(captions, _word_mask(lengths, max_len))  # (M, L, d)
+    listed = torch.unique(caption_index)  # (U,)
+    # Groups: the pairs of one image whose captions have one length, so that a chunk
+    # of groups of one length needs no padding (and no mask).
+    pair_len = lengths[caption_index]  # (P,)
+    group_key = image_index * (max_len + 1) + pair_len  # (P,)
+    order = torch.argsort(group_key, stable=True)  # (P,) pairs grouped
+    keys, counts = torch.unique_consecutive(group_key[order], return_counts=True)  # (U_g,)
+    group_images, group_len = keys // (max_len + 1), keys % (max_len + 1)
+    starts = torch.cumsum(counts, 0) - counts  # (U_g,) first pair of each group in order
+    # Longest captions first, then the most pairs: neighbours pad few slots.
+    by = torch.argsort(group_len * (pairs + 1) + counts, descending=True, stable=True)
+    run_lengths = torch.unique_consecutive(group_len[by], return_counts=True)[1].tolist()
+    image_norm = _norms(images) if direction == "i2t" else None  # (N, R), once per image
+    slot = torch.empty(captions.shape[0], dtype=torch.long, device=images.device)  # (M,)
     budget = block_budget(images.device) if block_bytes is None else block_bytes
+    gather_keys, gather_images, gather_tokens = _RowGather(), _RowGather(), _RowGather()
     start = 0
-    while start < len(by_count):
-        slots = int(counts[by_count[start]])  # the chunk's most captions per image
-        chunk = by_count[start : start + max(1, budget // (slots * per_pair))]  # (G,)
-        offsets = torch.arange(slots, device=images.device)  # (S,)
-        valid = offsets < counts[chunk, None]  # (G, S)
-        # Padding slots repeat the image's last pair; their scores are dropped.
-        position = starts[chunk, None] + torch.minimum(offsets, counts[chunk, None] - 1)
-        pair_ids = order[position]  # (G, S)
-        cap_ids = caption_index[pair_ids]  # (G, S)
-        words = int(lengths[cap_ids].max())
-        scores = _grouped_scores(
-            images[group_images[chunk]][:, None],  # (G, 1, R, d)
-            captions[:, :words][cap_ids],  # (G, S, Lc, d)
-            word_mask[:, :words][cap_ids],  # (G, S, Lc)
-            direction,
-            lambda_softmax,
-            budget,
-            None if grams is None else grams[:, :words, :words][gram_slot[pair_ids]],
-        )[:, 0]  # (G, S)
-        out[pair_ids[valid]] = scores[valid]
-        start += len(chunk)
+    for run in run_lengths:  # the groups of one caption length
+        end = start + run
+        words = int(group_len[by[start]])
+        # The listed captions of this length, contiguous (a gather copies whole rows),
+        # with what is computed once per caption, not per pair: the word norms (t2i
+        # queries) or the Gram matrices (i2t keys).
+        members = listed[lengths[listed] == words]  # (M_w,)
+        slot[members] = torch.arange(len(members), device=images.device)
+        bucket = captions[members, :words]  # (M_w, Lc, d), no padding
+        per_caption = _gram(bucket) if direction == "i2t" else _norms(bucket)
+        # A pair's temporaries, and its gathered caption tokens and norms or Gram matrix.
+        per_pair = (
+            pair_bytes(r, words, itemsize=out.element_size())
+            + (bucket[0].numel() + per_caption[0].numel()) * bucket.element_size()
+        )
+        while start < end:
+            slots = int(counts[by[start]])  # the chunk's most pairs per group
+            chunk = by[start : min(end, start + max(1, budget // (slots * per_pair)))]  # (G,)
+            offsets = torch.arange(slots, device=images.device)  # (S,)
+            valid = offsets < counts[chunk, None]  # (G, S)
+            # Padding slots repeat the group's last pair; their scores are dropped.
+            position = starts[chunk, None] + torch.minimum(offsets, counts[chunk, None] - 1)
+            pair_ids = order[position]  # (G, S)
+            rows = slot[caption_index[pair_ids.reshape(-1)]]  # (G S,) rows of the bucket
+            shape = (len(chunk), slots)
+            chunk_images = group_images[chunk]  # (G,)
+            gathered = gather_keys(per_caption, rows).view(*shape, *per_caption.shape[1:])
+            if direction == "i2t":
+                gram, query_norm = gathered, image_norm.index_select(0, chunk_images)[:, None]
+            else:
+                gram, query_norm = None, gathered  # (G, S, Lc)
+            scores = _grouped_scores(
+                gather_images(images, chunk_images)[:, None],  # (G, 1, R, d)
+                gather_tokens(bucket, rows).view(*shape, words, d),  # (G, S, Lc, d)
+                None,  # every caption of the chunk has exactly Lc words
+                direction,
+                lambda_softmax,
+                budget,
+                gram,  # (G, S, Lc, Lc) in i2t
+                query_norm,  # (G, 1, R) in i2t, (G, S, Lc) in t2i
+            )[:, 0]  # (G, S)
+            out[pair_ids[valid]] = scores[valid]
+            start += len(chunk)
     return out
 
 

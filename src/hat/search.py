@@ -193,20 +193,23 @@ class Searcher:
     def _score(
         self, queries: ImageFeatures | TextFeatures, gallery: Gallery, candidates: Tensor
     ) -> Tensor:
-        """``(K, Q, c)`` exact scores of each query with its own candidates, the gallery
-        read a block of candidates at a time (the tokens of a block's items within
-        :data:`hat.scorer.TOKEN_BLOCK_BYTES`)."""
+        """``(K, Q, c)`` exact scores of each query with its own candidates, a block of
+        queries at a time: as many as keep the items their candidates gather (at most
+        the whole gallery) within :data:`hat.scorer.TOKEN_BLOCK_BYTES`."""
         num_levels = len(self.scorer.cfg.levels)
         num_queries, width = candidates.shape
         out = torch.empty(num_levels, num_queries, width)
         usable = candidates.clamp_min(0)  # MISSING slots score item 0, then are masked
-        block_items = TOKEN_BLOCK_BYTES // max(gallery.item_bytes * num_queries, 1)
-        step = max(1, block_items)
-        for start in range(0, width, step):
-            cols = usable[:, start : start + step]  # (Q, c_b)
-            unique, local = torch.unique(cols, return_inverse=True)  # (u,), (Q, c_b)
+        if len(gallery) * gallery.item_bytes <= TOKEN_BLOCK_BYTES:
+            step = max(1, num_queries)  # the gather is never more than the whole gallery
+        else:
+            step = max(1, TOKEN_BLOCK_BYTES // max(gallery.item_bytes * width, 1))
+        for start in range(0, num_queries, step):
+            rows = usable[start : start + step]  # (Q_b, c)
+            unique, local = torch.unique(rows, return_inverse=True)  # (u,), (Q_b, c)
             items = gallery.features(unique)
-            out[:, :, start : start + step] = self._pairs(queries, items, gallery.kind, local)
+            block = queries[start : start + step]
+            out[:, start : start + step] = self._pairs(block, items, gallery.kind, local)
         return out
 
     def _pairs(
