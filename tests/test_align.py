@@ -298,3 +298,24 @@ def test_pair_similarity_is_the_listed_entries(direction: str) -> None:
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
     empty = pair_similarity(images, captions, lengths, image_index[:0], caption_index[:0])
     assert empty.shape == (0,)
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_pair_similarity_gradients_are_the_listed_entries(direction: str) -> None:
+    """With gradients on (no reused scratch), listed pairs back-propagate exactly as
+    their entries of the all-pairs matrix do, to images and captions."""
+    images, captions, lengths = _inputs(n=4, r=5, m=6, max_len=7, d=8, seed=11)
+    image_index = torch.tensor([0, 3, 3, 1, 1, 2, 0])
+    caption_index = torch.tensor([5, 0, 2, 2, 4, 1, 3])
+    weights = torch.linspace(0.5, 2.0, len(image_index), dtype=torch.float64)
+    grads = []
+    for listed in (True, False):
+        imgs, caps = images.clone().requires_grad_(), captions.clone().requires_grad_()
+        if listed:
+            got = pair_similarity(imgs, caps, lengths, image_index, caption_index, direction)
+        else:
+            got = similarity(imgs, caps, lengths, direction)[image_index, caption_index]
+        (got * weights).sum().backward()
+        grads.append((imgs.grad, caps.grad))
+    for got, want in zip(grads[0], grads[1]):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
