@@ -276,11 +276,14 @@ def test_memory_budget(tmp_path, monkeypatch) -> None:
     assert align._cache_bytes() == 2**20
 
 
+@pytest.mark.parametrize("group_by", ["auto", "image", "caption"])
+@pytest.mark.parametrize("regions", [5, 2])
 @pytest.mark.parametrize("direction", ["i2t", "t2i"])
-def test_pair_similarity_is_the_listed_entries(direction: str) -> None:
+def test_pair_similarity_is_the_listed_entries(direction: str, regions: int, group_by: str) -> None:
     """Listed pairs (repeats, images listed with different numbers of captions, images
-    never listed) score as their entries of the all-pairs matrix, in any chunking."""
-    images, captions, lengths = _inputs(n=6, r=5, m=8, max_len=7, d=8, seed=10)
+    never listed) score as their entries of the all-pairs matrix, in any chunking and
+    grouped by either side (with 2 regions, t2i keys use the images' Gram matrices)."""
+    images, captions, lengths = _inputs(n=6, r=regions, m=8, max_len=7, d=8, seed=10)
     full = similarity(images, captions, lengths, direction)  # (6, 8)
     g = torch.Generator().manual_seed(10)
     image_index = torch.tensor([0, 3, 3, 3, 5, 0, 3, 1, 1, 5, 5, 5, 5])
@@ -288,20 +291,24 @@ def test_pair_similarity_is_the_listed_entries(direction: str) -> None:
     want = full[image_index, caption_index]
     for block_bytes in (1, align.DEFAULT_BLOCK_BYTES):
         got = pair_similarity(
-            images, captions, lengths, image_index, caption_index, direction, LAMBDA, block_bytes
-        )
+            images, captions, lengths, image_index, caption_index, direction, LAMBDA,
+            block_bytes, group_by,
+        )  # fmt: skip
         torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
     dirty = captions.clone()
     for j, length in enumerate(lengths):
         dirty[j, length:] = float("nan")
-    got = pair_similarity(images, dirty, lengths, image_index, caption_index, direction)
+    got = pair_similarity(
+        images, dirty, lengths, image_index, caption_index, direction, group_by=group_by
+    )
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
     empty = pair_similarity(images, captions, lengths, image_index[:0], caption_index[:0])
     assert empty.shape == (0,)
 
 
+@pytest.mark.parametrize("group_by", ["image", "caption"])
 @pytest.mark.parametrize("direction", ["i2t", "t2i"])
-def test_pair_similarity_gradients_are_the_listed_entries(direction: str) -> None:
+def test_pair_similarity_gradients_are_the_listed_entries(direction: str, group_by: str) -> None:
     """With gradients on (no reused scratch), listed pairs back-propagate exactly as
     their entries of the all-pairs matrix do, to images and captions."""
     images, captions, lengths = _inputs(n=4, r=5, m=6, max_len=7, d=8, seed=11)
@@ -312,7 +319,9 @@ def test_pair_similarity_gradients_are_the_listed_entries(direction: str) -> Non
     for listed in (True, False):
         imgs, caps = images.clone().requires_grad_(), captions.clone().requires_grad_()
         if listed:
-            got = pair_similarity(imgs, caps, lengths, image_index, caption_index, direction)
+            got = pair_similarity(
+                imgs, caps, lengths, image_index, caption_index, direction, group_by=group_by
+            )
         else:
             got = similarity(imgs, caps, lengths, direction)[image_index, caption_index]
         (got * weights).sum().backward()

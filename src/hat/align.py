@@ -445,12 +445,13 @@ def _grouped_scores(
     direction: Literal["i2t", "t2i"],
     lambda_softmax: float,
     block_bytes: int,
-    caption_gram: Tensor | None = None,
+    key_gram: Tensor | None = None,
     query_norm: Tensor | None = None,
 ) -> Tensor:
     """:func:`grouped_similarity` of zero-padded captions ``(Q, B, L, d)`` with their
     ``word_mask`` ``(Q, B, L)`` (None: every caption has ``L`` words). When the caller
-    has them: ``caption_gram`` ``(Q, B, L, L)``, the captions' Gram matrices (i2t keys),
+    has them: ``key_gram``, the keys' Gram matrices (captions' ``(Q, B, L, L)`` in i2t,
+    images' ``(Q, A, R, R)`` in t2i),
     and ``query_norm``, the queries' token norms (images' ``(Q, A, R)`` in i2t,
     captions' ``(Q, B, L)`` in t2i); else they are computed per chunk."""
     q, a, r, d = images.shape
@@ -471,8 +472,8 @@ def _grouped_scores(
         keys, queries = (caps, imgs) if direction == "i2t" else (imgs, caps)
         if not use_gram:
             gram = None
-        elif direction == "i2t" and caption_gram is not None:
-            gram = caption_gram[rows]  # (Qc, B, L, L)
+        elif key_gram is not None:
+            gram = key_gram[rows]  # (Qc, B, L, L) or (Qc, A, R, R)
         else:
             gram = _gram(keys)
         norm = _norms(queries) if query_norm is None else query_norm[rows]
@@ -512,6 +513,7 @@ def pair_similarity(
     direction: Literal["i2t", "t2i"] = "i2t",
     lambda_softmax: float = 9.0,
     block_bytes: int | None = None,
+    group_by: Literal["auto", "image", "caption"] = "auto",
 ) -> Tensor:
     """HAT alignment scores of listed (image, caption) pairs of a gallery, for one level.
 
@@ -520,17 +522,20 @@ def pair_similarity(
             ``caption_lengths`` ``(M,)``, as for :func:`similarity`.
         image_index: ``(P,)`` the image of each pair; caption_index ``(P,)`` its caption.
         direction, lambda_softmax, block_bytes: as for :func:`similarity`.
+        group_by: the side each group shares: ``"image"`` (one image with its listed
+            captions of one length), ``"caption"`` (one caption with its listed images),
+            or ``"auto"``: the side whose items are the larger, so that the smaller
+            side's tokens are the ones gathered per pair (:func:`pair_grouping`).
 
     Returns:
         ``(P,)`` the scores :func:`similarity` gives for those pairs.
 
-    For reranking shortlists of either direction (or both at once): the pairs are
-    grouped by image and caption length, and each group is scored as one image against
-    its listed captions (:func:`grouped_similarity` with ``A = 1``; groups of one length
-    and similar sizes batched together), so an image's tokens are read once per group
-    rather than once per pair, only the (shorter) captions are gathered, and no caption
-    is padded. Token norms, and the captions' Gram matrices in i2t, are computed once
-    per image or caption, not per pair. Differentiable.
+    For reranking shortlists of either direction (or both at once): each group is
+    scored as :func:`grouped_similarity` does (``A = 1`` or ``B = 1``; groups of one
+    caption length and similar sizes batched together), so the shared item's tokens are
+    read once per group rather than once per pair and no caption is padded. Token
+    norms, and the keys' Gram matrices where they pay, are computed once per image or
+    caption, not per pair. Differentiable.
     """
     _check_direction(direction)
     pairs = image_index.shape[0]
@@ -539,6 +544,8 @@ def pair_similarity(
             f"image_index and caption_index must be (P,) alike, got "
             f"{tuple(image_index.shape)} and {tuple(caption_index.shape)}"
         )
+    if group_by not in ("auto", "image", "caption"):
+        raise ValueError(f"group_by must be 'auto', 'image' or 'caption', got {group_by!r}")
     n, r, d = images.shape
     out = torch.empty(pairs, dtype=_compute_dtype(images.dtype), device=images.device)
     if pairs == 0:
@@ -548,22 +555,31 @@ def pair_similarity(
     lengths = caption_lengths.to(device=images.device, dtype=torch.long)
     max_len = captions.shape[1]
     captions = _zero_padding(captions, _word_mask(lengths, max_len))  # (M, L, d)
-    listed = torch.unique(caption_index)  # (U,)
-    # Groups: the pairs of one image whose captions have one length, so that a chunk
-    # of groups of one length needs no padding (and no mask).
     pair_len = lengths[caption_index]  # (P,)
-    group_key = image_index * (max_len + 1) + pair_len  # (P,)
+    if group_by == "auto":
+        group_by = _pair_grouping(r, float(pair_len.float().mean()))
+    by_caption = group_by == "caption"
+    listed = torch.unique(caption_index)  # (U,)
+    # Groups: the pairs of one image whose captions have one length, or of one caption,
+    # so that a chunk of groups of one length needs no padding (and no mask).
+    owner = caption_index if by_caption else image_index  # (P,) each pair's group item
+    group_key = owner * (max_len + 1) + pair_len  # (P,)
     order = torch.argsort(group_key, stable=True)  # (P,) pairs grouped
     keys, counts = torch.unique_consecutive(group_key[order], return_counts=True)  # (U_g,)
-    group_images, group_len = keys // (max_len + 1), keys % (max_len + 1)
+    group_owner, group_len = keys // (max_len + 1), keys % (max_len + 1)
     starts = torch.cumsum(counts, 0) - counts  # (U_g,) first pair of each group in order
     # Longest captions first, then the most pairs: neighbours pad few slots.
     by = torch.argsort(group_len * (pairs + 1) + counts, descending=True, stable=True)
     run_lengths = torch.unique_consecutive(group_len[by], return_counts=True)[1].tolist()
-    image_norm = _norms(images) if direction == "i2t" else None  # (N, R), once per image
+    # Once per image: the region norms (i2t queries); the region Gram matrices (t2i
+    # keys) when a caption's words outnumber them and the images are listed often.
+    image_norm = _norms(images) if direction == "i2t" else None  # (N, R)
+    image_gram = None
+    if direction == "t2i" and by_caption and pairs >= n and _use_gram(r, max_len, d):
+        image_gram = _gram(images)  # (N, R, R)
     slot = torch.empty(captions.shape[0], dtype=torch.long, device=images.device)  # (M,)
     budget = block_budget(images.device) if block_bytes is None else block_bytes
-    gather_keys, gather_images, gather_tokens = _RowGather(), _RowGather(), _RowGather()
+    gather = {name: _RowGather() for name in ("images", "tokens", "per caption", "per image")}
     start = 0
     for run in run_lengths:  # the groups of one caption length
         end = start + run
@@ -575,11 +591,16 @@ def pair_similarity(
         slot[members] = torch.arange(len(members), device=images.device)
         bucket = captions[members, :words]  # (M_w, Lc, d), no padding
         per_caption = _gram(bucket) if direction == "i2t" else _norms(bucket)
-        # A pair's temporaries, and its gathered caption tokens and norms or Gram matrix.
-        per_pair = (
-            pair_bytes(r, words, itemsize=out.element_size())
-            + (bucket[0].numel() + per_caption[0].numel()) * bucket.element_size()
-        )
+        # A pair's temporaries, and what is gathered for it: a caption's tokens and
+        # norms or Gram matrix (grouped by image), or an image's tokens and norms or Gram
+        # matrix (grouped by caption).
+        if by_caption:
+            per_image = image_norm if direction == "i2t" else image_gram
+            gathered = images[0].numel() + (0 if per_image is None else per_image[0].numel())
+        else:
+            per_image, gathered = None, bucket[0].numel() + per_caption[0].numel()
+        per_pair = pair_bytes(r, words, itemsize=out.element_size())
+        per_pair += gathered * bucket.element_size()
         while start < end:
             slots = int(counts[by[start]])  # the chunk's most pairs per group
             chunk = by[start : min(end, start + max(1, budget // (slots * per_pair)))]  # (G,)
@@ -587,28 +608,46 @@ def pair_similarity(
             valid = offsets < counts[chunk, None]  # (G, S)
             # Padding slots repeat the group's last pair; their scores are dropped.
             position = starts[chunk, None] + torch.minimum(offsets, counts[chunk, None] - 1)
-            pair_ids = order[position]  # (G, S)
-            rows = slot[caption_index[pair_ids.reshape(-1)]]  # (G S,) rows of the bucket
-            shape = (len(chunk), slots)
-            chunk_images = group_images[chunk]  # (G,)
-            gathered = gather_keys(per_caption, rows).view(*shape, *per_caption.shape[1:])
-            if direction == "i2t":
-                gram, query_norm = gathered, image_norm.index_select(0, chunk_images)[:, None]
-            else:
-                gram, query_norm = None, gathered  # (G, S, Lc)
+            pair_ids = order[position].reshape(-1)  # (G S,)
+            if by_caption:  # A = S listed images, B = 1 caption
+                image_rows, caption_rows = image_index[pair_ids], slot[group_owner[chunk]]
+                image_shape, caption_shape = (len(chunk), slots), (len(chunk), 1)
+            else:  # A = 1 image, B = S listed captions
+                image_rows, caption_rows = group_owner[chunk], slot[caption_index[pair_ids]]
+                image_shape, caption_shape = (len(chunk), 1), (len(chunk), slots)
+            caption_terms = gather["per caption"](per_caption, caption_rows)
+            caption_terms = caption_terms.view(*caption_shape, *per_caption.shape[1:])
+            image_terms = None
+            if per_image is not None:
+                image_terms = gather["per image"](per_image, image_rows)
+                image_terms = image_terms.view(*image_shape, *per_image.shape[1:])
+            elif direction == "i2t":
+                image_terms = image_norm.index_select(0, image_rows).view(*image_shape, r)
+            if direction == "i2t":  # keys are words, queries regions
+                gram, query_norm = caption_terms, image_terms  # (G, B, Lc, Lc), (G, A, R)
+            else:  # keys are regions, queries words
+                gram, query_norm = image_terms, caption_terms  # (G, A, R, R) | None, (G, B, Lc)
             scores = _grouped_scores(
-                gather_images(images, chunk_images)[:, None],  # (G, 1, R, d)
-                gather_tokens(bucket, rows).view(*shape, words, d),  # (G, S, Lc, d)
+                gather["images"](images, image_rows).view(*image_shape, r, d),  # (G, A, R, d)
+                gather["tokens"](bucket, caption_rows).view(*caption_shape, words, d),
                 None,  # every caption of the chunk has exactly Lc words
                 direction,
                 lambda_softmax,
                 budget,
-                gram,  # (G, S, Lc, Lc) in i2t
-                query_norm,  # (G, 1, R) in i2t, (G, S, Lc) in t2i
-            )[:, 0]  # (G, S)
-            out[pair_ids[valid]] = scores[valid]
+                gram,
+                query_norm,
+            )  # (G, A, B)
+            scores = scores.reshape(len(chunk), slots)  # (G, S): A or B is 1
+            out[pair_ids[valid.reshape(-1)]] = scores[valid]
             start += len(chunk)
     return out
+
+
+def _pair_grouping(regions: int, mean_words: float) -> Literal["image", "caption"]:
+    """The side :func:`pair_similarity` groups listed pairs by, for images of ``regions``
+    tokens and listed captions of ``mean_words`` tokens on average: the side with the
+    more tokens is shared by each group, so the fewer are gathered per pair."""
+    return "caption" if regions < mean_words else "image"
 
 
 def mean_words(captions: Tensor, caption_lengths: Tensor) -> Tensor:
