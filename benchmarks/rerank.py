@@ -15,7 +15,8 @@ and prints microseconds per pair (best of ``--repeat`` calls, median over ``--ro
 interleaved rounds) and the ratio rerank / all-pairs. The candidates are
 gathered from the gallery tensors inside the timed call, as a grouped rerank must
 (the gather alone is printed too); and ``--pair-queries`` caption queries scored as
-listed pairs with ``pair_similarity`` (grouped by image; no image is gathered), the path
+listed pairs with ``pair_similarity`` (grouped by image, or by caption at levels whose
+images have fewer tokens than the captions: the smaller side is gathered), the path
 :meth:`hat.scorer.Scorer.rerank` (so every Searcher) takes. Then the
 two-stage estimate for text queries on a gallery of ``--gallery`` images and 5 captions
 each with a ``--share`` shortlist: exhaustive = all pairs x all-pairs cost; two-stage =

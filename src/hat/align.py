@@ -23,7 +23,7 @@ of captions.
 Entry points: :func:`similarity` (all pairs of a block of images and captions),
 :func:`grouped_similarity` (each group's own images against its own captions: a
 shortlist per query) and :func:`pair_similarity` (listed pairs of a gallery, grouped by
-image). All three chunk their work within one memory budget, ``block_bytes``
+image or by caption). All three chunk their work within one memory budget, ``block_bytes``
 (default :func:`block_budget`: :data:`DEFAULT_BLOCK_BYTES`, from the CPU's cache, on the
 CPU; :func:`pair_bytes` gives the bytes per pair to chunk by).
 """

@@ -10,7 +10,8 @@ Entry points:
 - :meth:`Scorer.all_pairs`: every image against every caption (training batches,
   evaluation, exhaustive search), block by block within the budget;
 - :meth:`Scorer.rerank`: each query against its own candidates only (two-stage
-  search), as listed pairs grouped by image (:func:`hat.align.pair_similarity`);
+  search), as listed pairs grouped by image or by caption
+  (:func:`hat.align.pair_similarity`);
 - :meth:`Scorer.attention_maps`: the weights one image and one caption are scored with.
 
 Shape legend: ``N`` images, ``M`` captions, ``Q`` queries, ``k`` candidates per
@@ -142,8 +143,9 @@ class Scorer:
         ``queries="image"``: query ``q`` is image ``q`` of ``images`` and ``candidates``
         ``(Q, k)`` index ``captions``; ``"caption"``: query ``q`` is caption ``q`` and
         ``candidates`` index ``images``. The ``Q * k`` pairs are scored as listed pairs
-        (:func:`hat.align.pair_similarity`: grouped by image, no candidate copied),
-        within the budget; never as blocks of all pairs.
+        (:func:`hat.align.pair_similarity`: grouped by the side with more tokens per
+        item, so only the smaller side is gathered), within the budget; never as blocks
+        of all pairs.
         """
         num_queries, k = candidates.shape
         query = torch.arange(num_queries).repeat_interleave(k)  # (Q * k,)
