@@ -525,7 +525,7 @@ def pair_similarity(
         group_by: the side each group shares: ``"image"`` (one image with its listed
             captions of one length), ``"caption"`` (one caption with its listed images),
             or ``"auto"``: the side whose items are the larger, so that the smaller
-            side's tokens are the ones gathered per pair (:func:`pair_grouping`).
+            side's tokens are the ones gathered per pair (:func:`_pair_grouping`).
 
     Returns:
         ``(P,)`` the scores :func:`similarity` gives for those pairs.
@@ -577,6 +577,7 @@ def pair_similarity(
     image_gram = None
     if direction == "t2i" and by_caption and pairs >= n and _use_gram(r, max_len, d):
         image_gram = _gram(images)  # (N, R, R)
+    per_image = image_norm if direction == "i2t" else image_gram  # (N, R), (N, R, R) or None
     slot = torch.empty(captions.shape[0], dtype=torch.long, device=images.device)  # (M,)
     budget = block_budget(images.device) if block_bytes is None else block_bytes
     gather = {name: _RowGather() for name in ("images", "tokens", "per caption", "per image")}
@@ -595,10 +596,9 @@ def pair_similarity(
         # norms or Gram matrix (grouped by image), or an image's tokens and norms or Gram
         # matrix (grouped by caption).
         if by_caption:
-            per_image = image_norm if direction == "i2t" else image_gram
             gathered = images[0].numel() + (0 if per_image is None else per_image[0].numel())
         else:
-            per_image, gathered = None, bucket[0].numel() + per_caption[0].numel()
+            gathered = bucket[0].numel() + per_caption[0].numel()
         per_pair = pair_bytes(r, words, itemsize=out.element_size())
         per_pair += gathered * bucket.element_size()
         while start < end:
@@ -621,8 +621,6 @@ def pair_similarity(
             if per_image is not None:
                 image_terms = gather["per image"](per_image, image_rows)
                 image_terms = image_terms.view(*image_shape, *per_image.shape[1:])
-            elif direction == "i2t":
-                image_terms = image_norm.index_select(0, image_rows).view(*image_shape, r)
             if direction == "i2t":  # keys are words, queries regions
                 gram, query_norm = caption_terms, image_terms  # (G, B, Lc, Lc), (G, A, R)
             else:  # keys are regions, queries words
