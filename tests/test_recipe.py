@@ -324,3 +324,44 @@ def test_decoded_images_are_kept_up_to_their_budget_and_change_nothing(scenes) -
     for i in range(len(plain)):
         for _ in range(2):  # the second read comes from memory
             assert torch.equal(cached[i][0], plain[i][0])
+
+
+def test_neighbour_groups_serve_each_pair_once_beside_its_nearest_of_other_images() -> None:
+    from hat.train import EpochOrder, NeighbourGroups
+
+    # Pairs 0-7 of images 0-3 (two captions each) on a line: pair p sits at p // 2 + p / 10.
+    images = torch.arange(8) // 2  # (S,)
+    position = images.float() + torch.arange(8) / 10  # (S,)
+    embeddings = torch.stack([torch.cos(position), torch.sin(position)], dim=1)  # (S, 2)
+    groups = NeighbourGroups(embeddings, images, group=2)
+    arranged = groups.arrange(torch.tensor([0, 5, 2, 7, 1, 3, 4, 6])).tolist()
+    assert sorted(arranged) == list(range(8))  # every pair once
+    # Anchor 0 (image 0) takes its nearest pair of ANOTHER image (2, image 1), never its
+    # own image's pair 1, though that one is nearer.
+    assert arranged[:2] == [0, 2]
+    pairs = [arranged[i : i + 2] for i in range(0, 8, 2)]
+    assert all(images[a] != images[b] for a, b in pairs if len({a, b}) == 2)
+    # Group 1 and no groups give the plain permutation; the grouped order is a function
+    # of (seed, epoch) and shards like it (the offset cuts the grouped order).
+    assert NeighbourGroups(embeddings, images, 1).arrange(torch.arange(8)).tolist() == list(
+        range(8)
+    )
+    whole = list(EpochOrder(8, 3, 1, neighbours=groups))
+    assert sorted(whole) == list(range(8)) and whole == list(EpochOrder(8, 3, 1, neighbours=groups))
+    assert list(EpochOrder(8, 3, 1, offset=4, neighbours=groups)) == whole[4:]
+
+
+def test_neighbour_batches_need_the_text_cache(tmp_path, scenes) -> None:
+    from hat.config import FieldRangeError
+    from hat.train import Trainer
+
+    with pytest.raises(FieldRangeError, match="neighbour_group.*cache_text"):
+        _tiny_run(scenes, "train.neighbour_group=4")
+    cfg = _tiny_run(scenes, "train.neighbour_group=3", "train.cache_text=true",
+                    "train.freeze_text_epochs=-1", "train.loss=infonce")  # fmt: skip
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu", progress=False)
+    assert trainer.neighbours is not None and trainer.neighbours.group == 3
+    batch = next(iter(trainer._loader(0, 0)))
+    # The batch's first group: an anchor and two pairs of other images.
+    assert len(set(batch["image_index"][:3].tolist())) == 3
+    trainer.fit()

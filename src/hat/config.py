@@ -415,6 +415,11 @@ class TrainConfig:
     each caption once, in a fifth of the image passes with 5 captions per image.
     Off (the reference): items are (image, caption) pairs. Not with
     ``global_batch_loss`` under torchrun.
+    ``neighbour_group``: batches are made of groups of this many pairs, a random
+    anchor (in the epoch's permutation) and its nearest unused pairs of OTHER images
+    by the frozen text tower's mean caption state (:class:`hat.train.NeighbourGroups`),
+    so that every caption meets negatives that are worded alike; 1: the plain
+    permutation. Needs ``cache_text`` and pair items (not ``group_captions``).
     ``cache_text``: a text backbone that stays frozen for the whole run computes each
     training caption's hidden states once, in eval mode (no dropout), and every step
     reuses them; the projections still train. Refused when the text tower unfreezes.
@@ -470,6 +475,7 @@ class TrainConfig:
     max_steps_per_epoch: int = _valid(0, ge=0)  # 0: no cap
     global_batch_loss: bool = False
     group_captions: bool = False
+    neighbour_group: int = _valid(1, ge=1)  # 1: the plain permutation
     cache_text: bool = False
     num_threads: int = _valid(0, ge=0)  # 0: picked
     collapse_ratio: float = _valid(1.5, ge=0)  # 0: never warns
@@ -480,6 +486,12 @@ class TrainConfig:
             self.min_temperature <= self.temperature, "min_temperature",
             f"must be <= {{p}}temperature ({self.temperature}), the starting temperature "
             f"it clamps; got {self.min_temperature}",
+        )  # fmt: skip
+        _require(
+            self.neighbour_group == 1 or (self.cache_text and not self.group_captions),
+            "neighbour_group",
+            f"> 1 needs {{p}}cache_text=true (the frozen text states it groups by) and "
+            f"{{p}}group_captions=false (pair items); got {self.neighbour_group}",
         )  # fmt: skip
 
 

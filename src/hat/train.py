@@ -77,6 +77,7 @@ from hat.model import HAT, TextFeatures
 
 __all__ = [
     "EpochOrder",
+    "NeighbourGroups",
     "backbones_trainable",
     "build_optimizer",
     "Trainer",
@@ -94,6 +95,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 # Signals after which the Trainer saves its state at the end of the current step and stops.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Pairs whose nearest neighbours NeighbourGroups finds in one (chunk, S) similarity block.
+NEIGHBOUR_CHUNK = 1024
 
 
 class TrainingDiverged(RuntimeError):
@@ -202,8 +205,55 @@ class SeededItems(Dataset):
             return self.inner[index]
 
 
+class NeighbourGroups:
+    """Each training pair's nearest pairs of other images by a fixed embedding, and
+    the epoch order that serves them together (``train.neighbour_group``).
+
+    ``embeddings`` ``(S, D)``: one row per pair (the frozen text tower's mean caption
+    state); ``images`` ``(S,)``: each pair's image. :meth:`arrange` walks a
+    permutation: each pair not yet taken becomes an anchor, followed by up to
+    ``group - 1`` of its ``candidates`` nearest pairs that are neither taken nor of an
+    image already in its group. Every pair still appears exactly once.
+    """
+
+    def __init__(
+        self, embeddings: Tensor, images: Tensor, group: int, candidates: int = 32
+    ) -> None:
+        unit = nn.functional.normalize(embeddings.float(), dim=1)  # (S, D)
+        k = min(candidates, len(unit) - 1)
+        rows = []
+        for start in range(0, len(unit), NEIGHBOUR_CHUNK):
+            block = unit[start : start + NEIGHBOUR_CHUNK]  # (b, D)
+            sims = block @ unit.T  # (b, S)
+            same = images[start : start + NEIGHBOUR_CHUNK, None] == images[None, :]  # (b, S)
+            rows.append(sims.masked_fill(same, -math.inf).topk(k, dim=1).indices)  # (b, k)
+        self.nearest = torch.cat(rows).tolist() if rows else []  # S lists of k pair ids
+        self.images = images.tolist()
+        self.group = group
+
+    def arrange(self, order: Tensor) -> Tensor:
+        """A permutation ``(S,)`` of the pairs -> the grouped permutation ``(S,)``."""
+        taken = [False] * len(self.images)
+        arranged: list[int] = []
+        for anchor in order.tolist():
+            if taken[anchor]:
+                continue
+            taken[anchor] = True
+            arranged.append(anchor)
+            seen = {self.images[anchor]}
+            for near in self.nearest[anchor]:
+                if len(seen) == self.group:
+                    break
+                if not taken[near] and self.images[near] not in seen:
+                    taken[near] = True
+                    arranged.append(near)
+                    seen.add(self.images[near])
+        return torch.tensor(arranged, dtype=torch.long)
+
+
 class EpochOrder(Sampler[int]):
-    """This process's items of a permutation fixed by (seed, epoch).
+    """This process's items of a permutation fixed by (seed, epoch), grouped by
+    ``neighbours`` when given (:meth:`NeighbourGroups.arrange`).
 
     The permutation, from ``offset`` items on (mid-epoch resume), is cut into global
     batches of ``world_size * batch_size`` items; process ``rank`` takes the
@@ -222,18 +272,23 @@ class EpochOrder(Sampler[int]):
         batch_size: int = 1,
         rank: int = 0,
         world_size: int = 1,
+        neighbours: NeighbourGroups | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
         self.size, self.seed, self.epoch, self.offset = size, seed, epoch, offset
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.neighbours = neighbours
 
     def _steps(self) -> int:
         return max(self.size - self.offset, 0) // (self.batch_size * self.world_size)
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator)[self.offset :]  # (S - offset,)
+        order = torch.randperm(self.size, generator=generator)  # (S,)
+        if self.neighbours is not None:
+            order = self.neighbours.arrange(order)  # (S,)
+        order = order[self.offset :]  # (S - offset,)
         steps = self._steps()
         span = steps * self.batch_size * self.world_size
         mine = order[:span].view(steps, self.world_size, self.batch_size)[:, self.rank]  # (T, B)
@@ -280,6 +335,7 @@ class TextCache:
         backbone.eval()
         self._rows: dict[tuple[int, ...], int] = {}
         parts: list[list[Tensor]] = [[] for _ in model.config.levels]
+        means: list[Tensor] = []
         offset = 0
         with torch.no_grad():
             for ids, mask in encoder.caption_batches(distinct, batch_size):
@@ -287,6 +343,9 @@ class TextCache:
                 valid = mask.bool().reshape(-1)  # (B * L,)
                 for k, h in enumerate(hidden):  # keep the valid tokens, row-major
                     parts[k].append(h.float().reshape(-1, h.shape[-1])[valid].cpu())
+                weights = mask.float()[:, :, None]  # (B, L, 1)
+                top = hidden[-1].float() * weights  # (B, L, H)
+                means.append((top.sum(dim=1) / weights.sum(dim=1)).cpu())  # (B, H)
                 for row, length in enumerate(mask.sum(dim=1).tolist()):
                     self._rows[tuple(ids[row, :length].tolist())] = offset
                     offset += length
@@ -296,12 +355,23 @@ class TextCache:
         self.levels = [torch.cat([*p, zero]) for p in parts]  # (T + 1, H) each
         self.pad_row = offset
         self.device = device
+        self._means = torch.cat(means)  # (distinct captions, H)
+        self._mean_row = {c: i for i, c in enumerate(distinct)}
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.levels)
+
+    def mean_states(self, captions: list[str]) -> Tensor:
+        """The top level's hidden states of each training caption averaged over its
+        tokens: ``(len(captions), H)`` on the CPU."""
+        try:
+            rows = [self._mean_row[c] for c in captions]
+        except KeyError as err:
+            raise KeyError("a caption outside the text cache (train.cache_text)") from err
+        return self._means[rows]
 
     def lookup(self, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
         """``(B, L)`` token ids and mask of training captions -> one ``(B, L, H)``
@@ -552,10 +622,12 @@ class Trainer:
         self.amp_dtype = getattr(torch, cfg.train.amp_dtype)
         use_scaler = self.amp and self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        text_cache = self._text_cache()
         self.objective = TrainingObjective(
             self.model, cfg.train, self.device.type, self.amp, self.amp_dtype,
-            text_cache=self._text_cache(),
+            text_cache=text_cache,
         )  # fmt: skip
+        self.neighbours = self._neighbour_groups(items, text_cache)
         self.optimizer, self.scheduler = build_optimizer(
             [*self.model.parameters(), self.objective.log_temperature], cfg.train,
             self.steps_per_epoch(),
@@ -598,12 +670,30 @@ class Trainer:
         )  # fmt: skip
         return cache
 
+    def _neighbour_groups(
+        self, items: PairDataset, text_cache: TextCache | None
+    ) -> NeighbourGroups | None:
+        """The pairs' neighbours by cached caption state (``train.neighbour_group``)."""
+        group = self.cfg.train.neighbour_group
+        if group == 1 or text_cache is None:  # the config allows > 1 only with the cache
+            return None
+        start = time.perf_counter()
+        pairs = items.pairs
+        captions = [items.records[i].captions[j] for i, j in pairs]
+        images = torch.tensor([i for i, _ in pairs])  # (S,)
+        neighbours = NeighbourGroups(text_cache.mean_states(captions), images, group)
+        log.info(
+            "neighbour groups of %d over %d pairs: %.1f s",
+            group, len(pairs), time.perf_counter() - start,
+        )  # fmt: skip
+        return neighbours
+
     def _loader(self, epoch: int, offset_steps: int) -> DataLoader:
         self.items.epoch = epoch
         batch, world = self.cfg.train.batch_size, distributed.world_size()
         sampler = EpochOrder(
             len(self.items), self.cfg.train.seed, epoch, offset_steps * batch * world,
-            batch, distributed.rank(), world,
+            batch, distributed.rank(), world, self.neighbours,
         )  # fmt: skip
         return DataLoader(
             self.items,

@@ -60,7 +60,10 @@ FLOAT16 = "float16"
 # Every codec name, in increasing compression (pq's depends on codec_dims_per_byte).
 CODECS = TOKEN_CODECS
 # faiss's factory string of each trained codec ({m}: pq's number of sub-quantizers).
-FACTORY = {"int8": "SQ8", "int4": "SQ4", "pq": "PQ{m}x8"}
+# "np": no polysemous training, which the factory's "PQ" turns on (it reorders centroids
+# for Hamming-distance search, which decoding never uses) and which took 5-6x the
+# k-means itself at d = 768 (README, "Token codecs"); the codes decode the same way.
+FACTORY = {"int8": "SQ8", "int4": "SQ4", "pq": "PQ{m}x8np"}
 # Bits per value of the scalar quantizers.
 SQ_BITS = {"int8": 8, "int4": 4}
 # PQ: 8-bit sub-quantizers (256 centroids); faiss's k-means wants 39 points per centroid.
