@@ -159,6 +159,11 @@ def text_queries(count: int, dim: int, global_dim: int, levels: int) -> TextFeat
     return TextFeatures(words, torch.from_numpy(lengths), glob)
 
 
+def _peak_gib() -> float:
+    """The process's peak resident memory so far (``ru_maxrss``, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def _percentiles(values: list[float]) -> str:
     p50, p95 = np.percentile(values, [50, 95])
     return f"{p50 * 1e3:,.0f} / {p95 * 1e3:,.0f}"
@@ -192,7 +197,8 @@ def main() -> None:
         encoder, args.encode_batch, args.encode_batches, cfg.image.image_size
     )
     print(f"\n1. encoding (random weights, batch {args.encode_batch}): {images_s:.2f} images/s, "
-          f"{captions_s:.1f} captions/s ({CAPTION_TOKENS} tokens)")  # fmt: skip
+          f"{captions_s:.1f} captions/s ({CAPTION_TOKENS} tokens); peak memory so far "
+          f"{_peak_gib():.2f} GiB")  # fmt: skip
 
     print("\n2. bytes per image (token codes per level + float32 global embedding):\n")
     print("| codec | " + " | ".join(f"level {k + 1} ({t})" for k, t in enumerate(tokens))
@@ -221,8 +227,9 @@ def main() -> None:
     print(f"\n3. two-stage text queries, codec {args.codec} (trained on {PQ_MIN_TRAIN:,} tokens "
           f"in {train_seconds:.1f} s), shortlist {index_cfg.shortlist}, one query at a time, "
           f"{args.queries} queries; ms p50 / p95:\n")  # fmt: skip
-    print("| images | codes on disk | faiss build s | query | shortlist | decode | rerank |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| images | codes on disk | faiss build s | query | shortlist | decode | rerank "
+          "| peak memory so far GiB |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for size in args.galleries:
         folder = out / f"gallery-{size}"
         shutil.rmtree(folder, ignore_errors=True)
@@ -245,7 +252,8 @@ def main() -> None:
         rerank = [q - s - d for q, s, d in zip(parts["query"], parts["shortlist"], parts["decode"])]
         cells = [_percentiles(parts[n]) for n in ("query", "shortlist", "decode")]
         print(f"| {size:,} | {need / 1e9:.1f} GB | {gallery.build_seconds:.1f} | "
-              + " | ".join(cells) + f" | {_percentiles(rerank)} |", flush=True)  # fmt: skip
+              + " | ".join(cells) + f" | {_percentiles(rerank)} | {_peak_gib():.2f} |",
+              flush=True)  # fmt: skip
         del gallery
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -262,8 +270,7 @@ def main() -> None:
     per_query_1k = seconds / EXHAUSTIVE_CAPTIONS * 1000 / EXHAUSTIVE_IMAGES
     print(f"\n4. exhaustive: {EXHAUSTIVE_IMAGES} images x {EXHAUSTIVE_CAPTIONS} captions in "
           f"{seconds:.2f} s: {per_query_1k:.2f} s per text query per 1,000 images")  # fmt: skip
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    print(f"\n5. peak resident memory: {peak:.2f} GiB")
+    print(f"\n5. peak resident memory: {_peak_gib():.2f} GiB")
 
 
 if __name__ == "__main__":

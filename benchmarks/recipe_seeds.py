@@ -10,8 +10,11 @@ preset at its budget and tested on the test split:
 - the pooled baseline: the top level only, mean-pooled tokens scored by cosine
   (``model.alignment=mean_pool``), trained the same way.
 
-    .venv/bin/python benchmarks/recipe_seeds.py --out runs/recipe_seeds [--seeds 0 1 2]
-        [--datasets scenes textured free] [KEY=VALUE ...]   # overrides of the cpu preset
+    .venv/bin/python benchmarks/recipe_seeds.py [KEY=VALUE ...] --out runs/recipe_seeds
+        [--seeds 0 1 2] [--datasets scenes textured free]
+
+``KEY=VALUE``: overrides of the ``cpu`` preset, given before the options (``--seeds`` and
+``--datasets`` take every word after them).
 
 Each finished run is appended to ``OUT/runs.jsonl`` and skipped when the script is run
 again, so an interrupted benchmark continues. Prints, per dataset, min and median test
