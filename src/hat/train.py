@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from hat import distributed
 from hat._optional import needs_extra
+from hat.align import mean_words
 from hat.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -95,8 +96,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 # Signals after which the Trainer saves its state at the end of the current step and stops.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# Pairs whose nearest neighbours NeighbourGroups finds in one (chunk, S) similarity block.
+# Pairs whose nearest neighbours NeighbourGroups finds in one (chunk, S) similarity block,
+# and the nearest pairs it keeps per pair to fill a group from.
 NEIGHBOUR_CHUNK = 1024
+NEIGHBOUR_CANDIDATES = 32
 
 
 class TrainingDiverged(RuntimeError):
@@ -217,8 +220,9 @@ class NeighbourGroups:
     """
 
     def __init__(
-        self, embeddings: Tensor, images: Tensor, group: int, candidates: int = 32
-    ) -> None:
+        self, embeddings: Tensor, images: Tensor, group: int,
+        candidates: int = NEIGHBOUR_CANDIDATES,
+    ) -> None:  # fmt: skip
         unit = nn.functional.normalize(embeddings.float(), dim=1)  # (S, D)
         k = min(candidates, len(unit) - 1)
         rows = []
@@ -343,9 +347,7 @@ class TextCache:
                 valid = mask.bool().reshape(-1)  # (B * L,)
                 for k, h in enumerate(hidden):  # keep the valid tokens, row-major
                     parts[k].append(h.float().reshape(-1, h.shape[-1])[valid].cpu())
-                weights = mask.float()[:, :, None]  # (B, L, 1)
-                top = hidden[-1].float() * weights  # (B, L, H)
-                means.append((top.sum(dim=1) / weights.sum(dim=1)).cpu())  # (B, H)
+                means.append(mean_words(hidden[-1].float(), mask.sum(dim=1)).cpu())  # (B, H)
                 for row, length in enumerate(mask.sum(dim=1).tolist()):
                     self._rows[tuple(ids[row, :length].tolist())] = offset
                     offset += length
