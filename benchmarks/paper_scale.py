@@ -113,7 +113,7 @@ class CodedGallery:
 
     def features(self, positions: Tensor) -> ImageFeatures:
         start = time.perf_counter()
-        rows = np.sort(positions.numpy())  # memory order; the Searcher passes unique ones sorted
+        rows = positions.numpy()  # in the caller's order: its indices into them depend on it
         levels = [torch.from_numpy(level[rows]) for level in self.levels]  # (m, T_k, d)
         glob = torch.zeros(len(rows), 1)  # the rerank reads tokens only
         self.seconds["decode"] += time.perf_counter() - start
