@@ -306,6 +306,47 @@ def test_pair_similarity_is_the_listed_entries(direction: str, regions: int, gro
     assert empty.shape == (0,)
 
 
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_pair_similarity_with_images_in_many_groups(direction: str) -> None:
+    """Images listed by many captions of several lengths (grouped by image, each image in
+    several groups: t2i computes its region Gram matrices once and gathers them)."""
+    images, captions, lengths = _inputs(n=3, r=3, m=12, max_len=6, d=16, seed=11)
+    full = similarity(images, captions, lengths, direction)  # (3, 12)
+    image_index = torch.arange(3).repeat_interleave(12)  # every image with every caption
+    caption_index = torch.arange(12).repeat(3)
+    got = pair_similarity(
+        images, captions, lengths, image_index, caption_index, direction, group_by="image"
+    )
+    torch.testing.assert_close(got, full[image_index, caption_index], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("keys", [2, 4, 6])
+def test_spread_and_products_are_the_matrix_products(keys: int) -> None:
+    """The elementwise Gram spread (few keys) and the transposed narrow products are the
+    plain matrix products."""
+    g = torch.Generator().manual_seed(keys)
+    gram = torch.randn(5, 3, keys, keys, generator=g, dtype=torch.float64)
+    weights = torch.randn(5, 3, keys, 7, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(align._spread(gram, weights), gram @ weights)
+    rows = torch.randn(4, 40, 8, generator=g, dtype=torch.float64)
+    for columns in (keys, align.NARROW_PRODUCT + keys):
+        cols = torch.randn(4, columns, 8, generator=g, dtype=torch.float64)
+        got = align._products(rows, cols)
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, rows @ cols.transpose(1, 2))
+
+
+def test_pair_grouping_gathers_the_cheaper_side() -> None:
+    """The side gathered per pair is the one with fewer tokens, the key side (words in
+    i2t, regions in t2i) counted at KEY_GATHER_WEIGHT."""
+    words = 14.0
+    assert align._pair_grouping(64, words, "i2t") == "image"  # gathers 14 words
+    assert align._pair_grouping(64, words, "t2i") == "image"
+    assert align._pair_grouping(16, words, "t2i") == "image"  # 16 key regions cost 32
+    assert align._pair_grouping(16, words, "i2t") == "caption"  # 14 key words cost 28
+    assert align._pair_grouping(4, words, "t2i") == "caption"
+
+
 @pytest.mark.parametrize("group_by", ["image", "caption"])
 @pytest.mark.parametrize("direction", ["i2t", "t2i"])
 def test_pair_similarity_gradients_are_the_listed_entries(direction: str, group_by: str) -> None:
