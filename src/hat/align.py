@@ -623,13 +623,11 @@ def pair_similarity(
     # Each listed caption's row in the bucket of its length (buckets hold the listed
     # captions of one length in increasing index order).
     listed_len = lengths[listed]  # (U,)
-    by_length = torch.argsort(listed_len, stable=True)  # (U,)
+    by_length = listed[torch.argsort(listed_len, stable=True)]  # (U,) buckets, in order
     length_counts = torch.bincount(listed_len, minlength=max_len + 1)  # (L + 1,)
-    first = torch.cumsum(length_counts, 0) - length_counts  # (L + 1,)
+    first = torch.cumsum(length_counts, 0) - length_counts  # (L + 1,) bucket starts
     slot = torch.empty(captions.shape[0], dtype=torch.long, device=images.device)  # (M,)
-    slot[listed[by_length]] = (
-        torch.arange(len(listed), device=images.device) - first[listed_len[by_length]]
-    )
+    slot[by_length] = torch.arange(len(listed), device=images.device) - first[lengths[by_length]]
     # In grouped order: each pair's row of the side gathered per pair, and each group's
     # row of the side it shares.
     pair_rows = (image_index if by_caption else slot[caption_index])[order]  # (P,)
@@ -644,7 +642,8 @@ def pair_similarity(
         # The listed captions of this length, contiguous (a gather copies whole rows),
         # with what is computed once per caption, not per pair: the word norms (t2i
         # queries) or the Gram matrices (i2t keys).
-        members = listed[listed_len == words]  # (M_w,)
+        begin = int(first[words])
+        members = by_length[begin : begin + int(length_counts[words])]  # (M_w,) its bucket
         bucket = captions[members, :words]  # (M_w, Lc, d), no padding
         per_caption = _gram(bucket) if direction == "i2t" else _norms(bucket)
         # A pair's temporaries, and what is gathered for it: a caption's tokens and
