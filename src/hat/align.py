@@ -232,7 +232,13 @@ def _attend(
         e_keys = e.view(g, k, nk, q * nq)  # (G, K, nk, Q nq)
     else:
         e_keys = e.view(g, q * nq, k, nk).permute(0, 2, 3, 1)  # (G, K, nk, Q nq)
-    if key_gram is not None:
+    if key_gram is not None and not keys_major and k == 1 and nk > FEW_KEYS:
+        # One key item per tile (a rerank grouped by it): its weights are rows already, so
+        # they are spread as rows, e G^T = (G e^T)^T, without the transposed copy.
+        e_rows = e.view(g, q * nq, nk)  # (G, Q nq, nk)
+        spread = e_rows @ key_gram.reshape(g, nk, nk).transpose(1, 2)  # (G, Q nq, nk)
+        ctx_sq = torch.linalg.vecdot(spread, e_rows, dim=2).view(g, 1, q * nq)  # (G, 1, Q nq)
+    elif key_gram is not None:
         spread = _spread(key_gram, e_keys)  # (G, K, nk, Q nq)
         ctx_sq = torch.linalg.vecdot(spread, e_keys, dim=2)  # (G, K, Q nq) = z^2 |c|^2
     else:

@@ -722,6 +722,7 @@ def _presets() -> dict[str, ExperimentConfig]:
             log_every=5,
             global_loss_weight=1.0,
         ),
+        fit=GlobalFitConfig(num_workers=0),  # as data: loader workers only compete
     )
     return {"paper": paper, "cpu": cpu, "tiny": tiny}
 
