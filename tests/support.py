@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from hat.config import IndexConfig
 
 # The scene collection of the ``collection`` fixture.
@@ -25,6 +27,20 @@ def data_args(annotations: Path) -> list[str]:
         f"data.image_root={annotations.parent}",
         "data.num_workers=0",
     ]
+
+
+# The parameters of the global-embedding heads, by state-dict prefix.
+HEADS = ("image_global.", "text_global.")
+
+
+def assert_only_heads_changed(after: dict, before: dict) -> None:
+    """Every global-head tensor of state dict ``after`` differs from ``before``; every
+    other tensor (the towers, the level projections) is equal to it."""
+    for key, value in after.items():
+        if key.startswith(HEADS):
+            assert not torch.equal(value, before[key]), f"{key}: the heads were not fitted"
+        elif key != "global_trained":
+            assert torch.equal(value, before[key]), f"{key} changed: the towers stay frozen"
 
 
 # A process that adds a folder of images to an index, with an IndexConfig given as JSON.

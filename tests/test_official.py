@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from support import HEADS
 from transformers import AutoTokenizer
 
 from hat.checkpoint import CheckpointError, load_model
@@ -32,7 +33,6 @@ _TINY = get_preset("tiny").model
 CFG = dataclasses.replace(
     _TINY, image=dataclasses.replace(_TINY.image, kwargs={**_TINY.image.kwargs, "depths": (2,) * 4})
 )
-GLOBAL_HEADS = ("image_global.", "text_global.")
 
 
 def _model(seed: int) -> HAT:
@@ -118,7 +118,7 @@ def test_export_has_the_old_timm_layout() -> None:
             prefix = f"vit_model.layers.{stage}.blocks.{block}."
             assert f"{prefix}attn.relative_position_index" in state
             assert (f"{prefix}attn_mask" in state) == (block == 1 and stage < 2)
-    assert not any(k.startswith(GLOBAL_HEADS) for k in state)
+    assert not any(k.startswith(HEADS) for k in state)
 
 
 def _old_relative_position_index(window: int) -> torch.Tensor:
@@ -173,7 +173,7 @@ def test_import_reproduces_the_model(tmp_path: Path) -> None:
     assert not imported.training
     assert not imported.has_trained_global  # the release has no global heads
     for key, value in imported.state_dict().items():
-        expected = fresh if key.startswith(GLOBAL_HEADS) else original
+        expected = fresh if key.startswith(HEADS) else original
         assert torch.equal(value, expected.state_dict()[key]), key
     _assert_outputs_of(imported, 1)
     reloaded = load_model(tmp_path / "model")
@@ -361,6 +361,6 @@ def test_paper_preset_import(tmp_path: Path) -> None:
     path = _save(tmp_path, state)
     imported = import_official_checkpoint(path, out_dir=tmp_path / "model")
     for key, value in imported.state_dict().items():
-        if not key.startswith(GLOBAL_HEADS):
+        if not key.startswith(HEADS):
             assert torch.equal(value, original.state_dict()[key]), key
     assert load_model(tmp_path / "model").config.levels == original.config.levels
