@@ -690,9 +690,12 @@ def _presets() -> dict[str, ExperimentConfig]:
                 **_SCENE_AUGMENTATION,
             ),
             text=TextTowerConfig(path="minilm"),
+            # Each level a different text depth (one depth for all makes the levels
+            # redundant), all deep enough that a word's state holds its neighbours: 2/4/6
+            # left the 8x8-region level weak on free placement (README, "Training recipe").
             levels=(
-                LevelConfig(image_stage=2, text_layer=2),
-                LevelConfig(image_stage=3, text_layer=4),
+                LevelConfig(image_stage=2, text_layer=4),
+                LevelConfig(image_stage=3, text_layer=5),
                 LevelConfig(image_stage=4, text_layer=6),
             ),
             embed_dim=128,
