@@ -638,68 +638,82 @@ def pair_similarity(
     # row of the side it shares.
     pair_rows = (image_index if by_caption else slot[caption_index])[order]  # (P,)
     owner_rows = slot[group_owner] if by_caption else group_owner  # (U_g,)
-    sorted_out = torch.empty_like(out)  # (P,) scores in grouped order
     budget = block_budget(images.device) if block_bytes is None else block_bytes
-    gather = {name: _RowGather() for name in ("images", "tokens", "per caption", "per image")}
-    start = 0
-    for run in run_lengths:  # the groups of one caption length
-        end = start + run
-        words = int(group_len[by[start]])
-        # The listed captions of this length, contiguous (a gather copies whole rows),
-        # with what is computed once per caption, not per pair: the word norms (t2i
-        # queries) or the Gram matrices (i2t keys).
-        begin = int(first[words])
-        members = by_length[begin : begin + int(length_counts[words])]  # (M_w,) its bucket
-        bucket = captions[members, :words]  # (M_w, Lc, d), no padding
-        per_caption = _gram(bucket) if direction == "i2t" else _norms(bucket)
-        # A pair's temporaries, and what is gathered for it: a caption's tokens and
-        # norms or Gram matrix (grouped by image), or an image's tokens and norms or Gram
-        # matrix (grouped by caption).
-        if by_caption:
-            gathered = images[0].numel() + (0 if per_image is None else per_image[0].numel())
-        else:
-            gathered = bucket[0].numel() + per_caption[0].numel()
+    # The chunks, planned once: each run of groups of one caption length is cut into
+    # chunks whose temporaries fit the budget, every group of a chunk padded to its first
+    # (largest) group's pairs. A pair's temporaries, and what is gathered for it: a
+    # caption's tokens and norms or Gram matrix (grouped by image), or an image's tokens
+    # and norms or Gram matrix (grouped by caption).
+    group_counts, group_words = counts[by].tolist(), group_len[by].tolist()
+    image_items = images[0].numel() + (0 if per_image is None else per_image[0].numel())
+    plan = []  # per chunk: its groups [begin, stop) of `by`, slots per group, words, first slot
+    begin = total_slots = 0
+    for run in run_lengths:
+        end, words = begin + run, group_words[begin]
+        caption_items = words * d + (words * words if direction == "i2t" else words)
         per_pair = pair_bytes(r, words, itemsize=out.element_size())
-        per_pair += gathered * bucket.element_size()
-        while start < end:
-            slots = int(counts[by[start]])  # the chunk's most pairs per group
-            chunk = by[start : min(end, start + max(1, budget // (slots * per_pair)))]  # (G,)
-            offsets = torch.arange(slots, device=images.device)  # (S,)
-            chunk_counts = counts[chunk, None]  # (G, 1)
-            valid = offsets < chunk_counts  # (G, S)
-            # Padding slots repeat the group's last pair; their scores are dropped.
-            position = starts[chunk, None] + torch.minimum(offsets, chunk_counts - 1)  # (G, S)
-            listed_rows, shared_rows = pair_rows[position].reshape(-1), owner_rows[chunk]
-            if by_caption:  # A = S listed images, B = 1 caption
-                image_rows, caption_rows = listed_rows, shared_rows
-                image_shape, caption_shape = (len(chunk), slots), (len(chunk), 1)
-            else:  # A = 1 image, B = S listed captions
-                image_rows, caption_rows = shared_rows, listed_rows
-                image_shape, caption_shape = (len(chunk), 1), (len(chunk), slots)
-            caption_terms = gather["per caption"](per_caption, caption_rows)
-            caption_terms = caption_terms.view(*caption_shape, *per_caption.shape[1:])
-            image_terms = None
-            if per_image is not None:
-                image_terms = gather["per image"](per_image, image_rows)
-                image_terms = image_terms.view(*image_shape, *per_image.shape[1:])
-            if direction == "i2t":  # keys are words, queries regions
-                gram, query_norm = caption_terms, image_terms  # (G, B, Lc, Lc), (G, A, R)
-            else:  # keys are regions, queries words
-                gram, query_norm = image_terms, caption_terms  # (G, A, R, R) | None, (G, B, Lc)
-            scores = _grouped_scores(
-                gather["images"](images, image_rows).view(*image_shape, r, d),  # (G, A, R, d)
-                gather["tokens"](bucket, caption_rows).view(*caption_shape, words, d),
-                None,  # every caption of the chunk has exactly Lc words
-                direction,
-                lambda_softmax,
-                budget,
-                gram,
-                query_norm,
-            )  # (G, A, B)
-            scores = scores.reshape(len(chunk), slots)  # (G, S): A or B is 1
-            sorted_out[position[valid]] = scores[valid]
-            start += len(chunk)
-    out[order] = sorted_out
+        per_pair += (image_items if by_caption else caption_items) * captions.element_size()
+        while begin < end:
+            slots = group_counts[begin]
+            stop = min(end, begin + max(1, budget // (slots * per_pair)))
+            plan.append((begin, stop, slots, words, total_slots))
+            total_slots += (stop - begin) * slots
+            begin = stop
+    # Every chunk's slots laid end to end: each slot's pair in grouped order (padding
+    # slots repeat their group's last pair), so that a chunk reads its rows as a slice.
+    width = torch.repeat_interleave(
+        torch.tensor([slots for _, _, slots, _, _ in plan], device=images.device),
+        torch.tensor([stop - begin for begin, stop, _, _, _ in plan], device=images.device),
+    )  # (U_g,) each group's slots, in `by` order
+    slot_group = torch.repeat_interleave(by, width)  # (T,) each slot's group
+    slot_offset = torch.arange(total_slots, device=images.device)  # (T,)
+    slot_offset -= torch.repeat_interleave(torch.cumsum(width, 0) - width, width)
+    slot_count = counts[slot_group]  # (T,)
+    valid = slot_offset < slot_count  # (T,)
+    position = starts[slot_group] + torch.minimum(slot_offset, slot_count - 1)  # (T,)
+    slot_rows, group_rows = pair_rows[position], owner_rows[by]  # (T,), (U_g,)
+    padded = out.new_empty(total_slots)  # (T,) scores slot by slot
+    gather = {name: _RowGather() for name in ("images", "tokens", "per caption", "per image")}
+    bucket_words = -1
+    for begin, stop, slots, words, first_slot in plan:
+        if words != bucket_words:  # a new run: the listed captions of this length
+            # contiguous (a gather copies whole rows), with what is computed once per
+            # caption, not per pair: the word norms (t2i queries) or the Gram matrices
+            # (i2t keys).
+            bucket_words, low = words, int(first[words])
+            members = by_length[low : low + int(length_counts[words])]  # (M_w,) its bucket
+            bucket = captions[members, :words]  # (M_w, Lc, d), no padding
+            per_caption = _gram(bucket) if direction == "i2t" else _norms(bucket)
+        groups, slot_end = stop - begin, first_slot + (stop - begin) * slots
+        listed_rows, shared_rows = slot_rows[first_slot:slot_end], group_rows[begin:stop]
+        if by_caption:  # A = S listed images, B = 1 caption
+            image_rows, caption_rows = listed_rows, shared_rows
+            image_shape, caption_shape = (groups, slots), (groups, 1)
+        else:  # A = 1 image, B = S listed captions
+            image_rows, caption_rows = shared_rows, listed_rows
+            image_shape, caption_shape = (groups, 1), (groups, slots)
+        caption_terms = gather["per caption"](per_caption, caption_rows)
+        caption_terms = caption_terms.view(*caption_shape, *per_caption.shape[1:])
+        image_terms = None
+        if per_image is not None:
+            image_terms = gather["per image"](per_image, image_rows)
+            image_terms = image_terms.view(*image_shape, *per_image.shape[1:])
+        if direction == "i2t":  # keys are words, queries regions
+            gram, query_norm = caption_terms, image_terms  # (G, B, Lc, Lc), (G, A, R)
+        else:  # keys are regions, queries words
+            gram, query_norm = image_terms, caption_terms  # (G, A, R, R) | None, (G, B, Lc)
+        scores = _grouped_scores(
+            gather["images"](images, image_rows).view(*image_shape, r, d),  # (G, A, R, d)
+            gather["tokens"](bucket, caption_rows).view(*caption_shape, words, d),
+            None,  # every caption of the chunk has exactly Lc words
+            direction,
+            lambda_softmax,
+            budget,
+            gram,
+            query_norm,
+        )  # (G, A, B): A or B is 1
+        padded[first_slot:slot_end] = scores.reshape(-1)
+    out[order[position[valid]]] = padded[valid]
     return out
 
 
