@@ -129,3 +129,25 @@ def test_searcher_keeps_each_querys_exact_top_k_within_any_budget(budget) -> Non
     assert torch.equal(two.positions, candidates.gather(1, best.indices))
     torch.testing.assert_close(two.total, best.values, rtol=0, atol=SCORE_TOL)
     assert two.scored == 11 * shortlist
+
+
+def test_training_scores_in_the_tiles_of_the_features_device(monkeypatch) -> None:
+    """A training scorer (no device of its own) sizes its tiles for the device the
+    features are on: accelerator-sized off the CPU, cache-sized on it; an explicit
+    ``block_bytes`` wins everywhere."""
+    from hat import align
+
+    seen = []
+
+    def record(images, captions, lengths, *args, block_bytes=None):
+        seen.append(block_bytes)
+        return torch.zeros(images.shape[0], captions.shape[0], device=images.device)
+
+    monkeypatch.setattr(align, "similarity", record)
+    cfg = get_preset("tiny").model
+    for device in ("meta", "cpu"):
+        images = torch.empty(2, 4, 8, device=device)
+        captions, lengths = torch.empty(3, 5, 8, device=device), torch.full((3,), 5)
+        Scorer.for_training(cfg).level(images, captions, lengths)
+        Scorer(cfg, block_bytes=123, cast=False).level(images, captions, lengths)
+    assert seen == [align.ACCELERATOR_BLOCK_BYTES, 123, align.DEFAULT_BLOCK_BYTES, 123]
