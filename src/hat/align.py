@@ -647,6 +647,7 @@ def pair_similarity(
     group_counts, group_words = counts[by].tolist(), group_len[by].tolist()
     image_items = images[0].numel() + (0 if per_image is None else per_image[0].numel())
     plan = []  # per chunk: its groups [begin, stop) of `by`, slots per group, words, first slot
+    width = []  # each group's slots (its chunk's), in `by` order
     begin = total_slots = 0
     for run in run_lengths:
         end, words = begin + run, group_words[begin]
@@ -657,14 +658,12 @@ def pair_similarity(
             slots = group_counts[begin]
             stop = min(end, begin + max(1, budget // (slots * per_pair)))
             plan.append((begin, stop, slots, words, total_slots))
+            width += [slots] * (stop - begin)
             total_slots += (stop - begin) * slots
             begin = stop
     # Every chunk's slots laid end to end: each slot's pair in grouped order (padding
     # slots repeat their group's last pair), so that a chunk reads its rows as a slice.
-    width = torch.repeat_interleave(
-        torch.tensor([slots for _, _, slots, _, _ in plan], device=images.device),
-        torch.tensor([stop - begin for begin, stop, _, _, _ in plan], device=images.device),
-    )  # (U_g,) each group's slots, in `by` order
+    width = torch.tensor(width, device=images.device)  # (U_g,)
     slot_group = torch.repeat_interleave(by, width)  # (T,) each slot's group
     slot_offset = torch.arange(total_slots, device=images.device)  # (T,)
     slot_offset -= torch.repeat_interleave(torch.cumsum(width, 0) - width, width)
