@@ -16,6 +16,7 @@ import pytest
 import torch
 from support import data_args
 
+from hat import align
 from hat.checkpoint import save_model
 from hat.config import RetrievalConfig, apply_overrides, get_preset
 from hat.data import generate_scenes, load_records, select_split
@@ -132,11 +133,10 @@ def test_searcher_keeps_each_querys_exact_top_k_within_any_budget(budget) -> Non
 
 
 def test_training_scores_in_the_tiles_of_the_features_device(monkeypatch) -> None:
-    """A training scorer (no device of its own) sizes its tiles for the device the
-    features are on: accelerator-sized off the CPU, cache-sized on it; an explicit
-    ``block_bytes`` wins everywhere."""
-    from hat import align
-
+    """A scorer without a ``block_bytes`` of its own leaves the tile budget to
+    :mod:`hat.align`, which reads it from the device the tokens are on (a training
+    scorer, built without a device, once scored CUDA features in the CPU's cache-sized
+    tiles); an explicit ``block_bytes`` is passed on, on any device."""
     seen = []
 
     def record(images, captions, lengths, *args, block_bytes=None):
@@ -150,4 +150,5 @@ def test_training_scores_in_the_tiles_of_the_features_device(monkeypatch) -> Non
         captions, lengths = torch.empty(3, 5, 8, device=device), torch.full((3,), 5)
         Scorer.for_training(cfg).level(images, captions, lengths)
         Scorer(cfg, block_bytes=123, cast=False).level(images, captions, lengths)
-    assert seen == [align.ACCELERATOR_BLOCK_BYTES, 123, align.DEFAULT_BLOCK_BYTES, 123]
+    assert seen == [None, 123, None, 123]
+    assert align.block_budget(torch.device("meta")) == align.ACCELERATOR_BLOCK_BYTES

@@ -50,7 +50,8 @@ class Scorer:
             in float32 or wider).
         block_bytes: the memory budget of the temporaries of one block of pairs;
             ``None``: :func:`hat.align.block_budget` of the device the scored tokens are
-            on (cache-sized on the CPU).
+            on (cache-sized on the CPU), which :mod:`hat.align` reads from the tokens:
+            a training scorer scores features where they are.
         cast: cast tokens to ``compute_dtype``; off for training, where the
             features arrive in the dtype autocast and the optimiser expect.
     """
@@ -60,13 +61,6 @@ class Scorer:
     compute_dtype: str = "auto"
     block_bytes: int | None = None
     cast: bool = True
-
-    def budget(self, device: torch.device) -> int:
-        """The memory budget in bytes for tokens on ``device``: :attr:`block_bytes`, or
-        that device's default. Read from the tokens, not :attr:`device`: a training
-        scorer scores features where they are (a CUDA batch in accelerator-sized tiles,
-        not the CPU's cache-sized ones)."""
-        return align.block_budget(device) if self.block_bytes is None else self.block_bytes
 
     @classmethod
     def for_training(cls, cfg: ModelConfig) -> Scorer:
@@ -90,7 +84,7 @@ class Scorer:
             return align.pooled_similarity(images, captions, lengths)
         return align.similarity(
             images, captions, lengths, self.cfg.direction, self.cfg.lambda_softmax,
-            block_bytes=self.budget(images.device),
+            block_bytes=self.block_bytes,
         )  # fmt: skip
 
     # -- all pairs --------------------------------------------------------------------
@@ -178,7 +172,7 @@ class Scorer:
             return (image_mean[image_index] * caption_mean[caption_index]).sum(dim=-1)
         return align.pair_similarity(
             images, captions, lengths, image_index, caption_index, self.cfg.direction,
-            self.cfg.lambda_softmax, block_bytes=self.budget(images.device),
+            self.cfg.lambda_softmax, block_bytes=self.block_bytes,
         )  # fmt: skip
 
     # -- images against images --------------------------------------------------------
