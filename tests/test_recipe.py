@@ -220,8 +220,8 @@ def test_cached_text_features_give_the_loss_of_recomputing_them(scenes) -> None:
         load_records,
         select_split,
     )
-    from hat.encoder import Encoder
-    from hat.train import TextCache, TrainingObjective
+    from hat.encoder import Encoder, TextCache
+    from hat.train import TrainingObjective
 
     cfg = _tiny_run(scenes, "train.loss=infonce", "train.level_loss_weight=0.5")
     model = hat.HAT(cfg.model).eval()  # no dropout on either side of the comparison
@@ -257,6 +257,70 @@ def test_cached_text_features_give_the_loss_of_recomputing_them(scenes) -> None:
 
     with pytest.raises(ConfigError, match="cache_text"):
         Trainer(unfreezes, "/nonexistent/never-written", device="cpu", progress=False)
+
+
+def test_an_encoder_reads_the_text_cache_where_it_holds_every_caption(scenes) -> None:
+    """Validation and the demo's fit of the global heads read the training run's text
+    cache: the features equal recomputing them (valid positions, float tolerance), the
+    backbone runs only for batches with a caption the cache lacks, extending the cache
+    leaves its rows as they were, and a cache of other backbone weights is refused."""
+    import copy
+
+    from hat.data import load_records, select_split
+    from hat.encoder import Encoder, TextCache
+
+    cfg = _tiny_run(scenes)
+    model = hat.HAT(cfg.model).eval()
+    records = load_records(cfg.data)
+    train = [c for r in select_split(records, "train") for c in r.captions]
+    val = [c for r in select_split(records, "val") for c in r.captions]
+    cache = TextCache(Encoder(model), train, 7)
+    held = [level.clone() for level in cache.levels]  # (T + 1, H) each
+    cache.extend(Encoder(model), [*val, *train[:3]], 5)
+    assert len(cache) == len(set(train) | set(val))
+    for before, after in zip(held, cache.levels):
+        assert torch.equal(after[: len(before) - 1], before[:-1])
+
+    reader = Encoder(copy.deepcopy(model))  # equal weights, another module
+    reader.use_text_cache(cache)
+    backbone_calls = []
+    layer_tokens = reader.model.text_tower.layer_tokens
+    reader.model.text_tower.layer_tokens = lambda *a: backbone_calls.append(1) or layer_tokens(*a)
+    cached = reader.encode_captions(val, batch_size=4)
+    assert not backbone_calls
+    recomputed = Encoder(model).encode_captions(val, batch_size=4)
+    assert torch.equal(cached.lengths, recomputed.lengths)
+    valid = torch.arange(cached.levels[0].shape[1]) < cached.lengths[:, None]  # (M, L)
+    for a, b in zip(cached.levels, recomputed.levels):
+        torch.testing.assert_close(a[valid], b[valid], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cached.global_embedding, recomputed.global_embedding,
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(reader.pooled_captions(train), Encoder(model).pooled_captions(train),
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    assert not backbone_calls
+    reader.encode_captions([val[0], "a caption in no split"])  # one batch, one caption unknown
+    assert backbone_calls == [1]
+
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        next(changed.text_tower.encoder.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match="other weights"):
+        Encoder(changed).use_text_cache(cache)
+    with pytest.raises(ValueError, match="other weights"):
+        cache.extend(Encoder(changed), ["a caption in no split"], 4)
+
+
+def test_validation_reads_the_training_text_cache(tmp_path, scenes) -> None:
+    from hat.train import Trainer
+
+    cfg = _tiny_run(scenes, "train.cache_text=true", "train.freeze_text_epochs=-1")
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu", progress=False)
+
+    def no_backbone(*args):
+        raise AssertionError("the text backbone ran for cached captions")
+
+    trainer.model.text_tower.layer_tokens = no_backbone
+    assert trainer.validate().metrics["hat"]["rsum"] >= 0
 
 
 def test_thread_choice_counts_cores_and_other_processes(monkeypatch) -> None:

@@ -38,6 +38,7 @@ __all__ = [
     "load_model",
     "load_training_checkpoint",
     "model_fingerprint",
+    "module_fingerprint",
     "model_from_training_checkpoint",
     "resolve_model",
     "restore_rng_state",
@@ -150,11 +151,23 @@ def model_fingerprint(model: HAT) -> str:
         cfg[tower].pop(key, None)
     digest = hashlib.sha256()
     digest.update(json.dumps(cfg, sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    _hash_state(digest, model)
+    return digest.hexdigest()
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """A SHA-256 hex digest of every tensor of ``module``'s state (names, dtypes, shapes
+    and values): equal fingerprints mean equal weights."""
+    digest = hashlib.sha256()
+    _hash_state(digest, module)
+    return digest.hexdigest()
+
+
+def _hash_state(digest: Any, module: torch.nn.Module) -> None:
+    for name, tensor in sorted(module.state_dict().items()):
         value = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}".encode())
         digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
-    return digest.hexdigest()
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -71,9 +71,13 @@ def run_demo(out: str | Path, cfg: ExperimentConfig | None = None) -> dict:
         f"[2/{STEPS}] training the {cfg.model.name} preset in {run}"
         + (" (resuming)" if resume else "")
     )
-    Trainer(cfg, run, resume=resume).fit()  # on cfg.device
+    trainer = Trainer(cfg, run, resume=resume)
+    trainer.fit()  # on cfg.device
 
     encoder = Encoder(resolve_model(run, "best"), dev)
+    # The frozen text backbone's states of the training captions, computed once for
+    # training: fitting the global heads reads them instead of running it again.
+    encoder.use_text_cache(trainer.text_cache)
     records = load_records(cfg.data)
     train = select_split(records, "train")
     # The heads trained beside the towers shortlist worse than heads fitted to the final

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from hat import distributed
+from hat.align import mean_words
 from hat.config import ModelConfig, RetrievalConfig
 from hat.features import ImageFeatures, TextFeatures
 from hat.scorer import Scorer
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from hat.data import CaptionTokenizer, ImageRecord
     from hat.model import HAT
 
-__all__ = ["Encoder", "load_any_model"]
+__all__ = ["Encoder", "TextCache", "load_any_model"]
 
 DEFAULT_BATCH_SIZE = 64
 
@@ -61,6 +62,34 @@ class Encoder:
         self.model = model.to(self.device)
         self._tokenizer = tokenizer
         self._transform: Callable | None = None
+        self._text_cache: TextCache | None = None
+
+    def use_text_cache(self, cache: TextCache | None) -> None:
+        """Read the text backbone's hidden states of the captions ``cache`` holds from it
+        instead of recomputing them (:meth:`text_hidden`); ``None`` stops that.
+
+        Raises:
+            ValueError: the cache was computed by a text backbone with other weights.
+        """
+        from hat.checkpoint import module_fingerprint
+
+        if cache is not None and cache.backbone_digest != module_fingerprint(
+            self.model.text_tower.encoder
+        ):
+            raise ValueError(
+                "the text cache was computed by a text backbone with other weights than "
+                "this encoder's model: its hidden states would be wrong here"
+            )
+        self._text_cache = cache
+
+    def text_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
+        """``(B, L)`` token ids and mask -> the text backbone's ``(B, L, H)`` hidden
+        states of each level's layer, from the text cache when it holds every caption of
+        the batch, else computed."""
+        cache = self._text_cache
+        if cache is not None and cache.covers(input_ids, attention_mask):
+            return [h.to(self.device) for h in cache.lookup(input_ids, attention_mask)]
+        return self.model.text_tower.layer_tokens(input_ids, attention_mask)
 
     @classmethod
     def load(cls, source: str | os.PathLike | HAT, device: str | torch.device = "cpu") -> Encoder:
@@ -182,7 +211,12 @@ class Encoder:
         def encode(part: Sequence[str]) -> TextFeatures:
             batches = self.caption_batches(part, batch_size, progress)
             return TextFeatures.cat(
-                [self.model.encode_text(i, m).to("cpu", storage_dtype) for i, m in batches]
+                [
+                    self.model.encode_text_hidden(self.text_hidden(i, m), m).to(
+                        "cpu", storage_dtype
+                    )
+                    for i, m in batches
+                ]
             )
 
         with self._inference():
@@ -210,7 +244,9 @@ class Encoder:
         with self._inference():
             return torch.cat(
                 [
-                    self.model.pool_text(self.model.text_tower(i, m), m).float().cpu()
+                    self.model.pool_text(self.model.text_tower.project(self.text_hidden(i, m)), m)
+                    .float()
+                    .cpu()
                     for i, m in batches
                 ]
             )
@@ -225,6 +261,110 @@ class Encoder:
         special = set(self.tokenizer.tokenizer.all_special_ids)
         shown = [i for i, token_id in enumerate(ids) if token_id not in special]
         return batch, tokens, shown or list(range(length))
+
+
+class TextCache:
+    """Hidden states of a FROZEN text backbone, computed once per distinct caption.
+
+    ``train.cache_text``: the backbone runs once over every training and validation
+    caption in eval mode (no dropout) and keeps, per level, each caption's ``(L_c, H)``
+    hidden states packed one after another in float32; :meth:`lookup` gives a batch's
+    states padded as the tokenizer padded the batch. The projections on top still
+    train, so :meth:`HAT.encode_text_hidden` of a lookup equals :meth:`HAT.encode_text`
+    of an eval-mode backbone, to float rounding (padding positions differ, and never
+    count). Training reads it, and so does every :class:`Encoder` given it
+    (:meth:`Encoder.use_text_cache`) whose backbone has the same weights
+    (``backbone_digest``, :func:`hat.checkpoint.module_fingerprint`): validation, and
+    fitting the global heads after training.
+    """
+
+    def __init__(self, encoder: Encoder, captions: Sequence[str], batch_size: int) -> None:
+        from hat.checkpoint import module_fingerprint
+
+        model = encoder.model
+        self.backbone_digest = module_fingerprint(model.text_tower.encoder)
+        self.device = encoder.device
+        self._rows: dict[tuple[int, ...], int] = {}  # token ids -> first row in levels
+        self._mean_row: dict[str, int] = {}  # caption -> row in _means
+        self._means = torch.zeros(0, model.text_tower.encoder.config.hidden_size)  # (C, H)
+        width = self._means.shape[1]
+        self.levels = [torch.zeros(1, width) for _ in model.config.levels]  # (T + 1, H) each
+        self.pad_row = 0  # the last row, all zeros: what padding positions read
+        self.extend(encoder, captions, batch_size)
+
+    def extend(self, encoder: Encoder, captions: Sequence[str], batch_size: int) -> None:
+        """Add the states of the ``captions`` not held yet; the rows already held stay
+        as they are (so adding validation captions changes nothing training reads).
+
+        Raises:
+            ValueError: ``encoder``'s text backbone has other weights than the cache's.
+        """
+        from hat.checkpoint import module_fingerprint
+
+        backbone = encoder.model.text_tower.encoder
+        if module_fingerprint(backbone) != self.backbone_digest:
+            raise ValueError("the text cache was computed by a text backbone with other weights")
+        # Batches of captions of one length: no padding to compute through.
+        distinct = sorted(set(captions) - self._mean_row.keys())
+        if not distinct:
+            return
+        lengths = encoder.tokenizer(distinct)["attention_mask"].sum(dim=1).tolist()
+        distinct = [c for _, c in sorted(zip(lengths, distinct))]
+        was_training = backbone.training
+        backbone.eval()
+        parts: list[list[Tensor]] = [[level[:-1]] for level in self.levels]  # held rows
+        means = [self._means]
+        offset = self.pad_row
+        with torch.no_grad():
+            for ids, mask in encoder.caption_batches(distinct, batch_size):
+                hidden = encoder.model.text_tower.layer_tokens(ids, mask)  # (B, L, H) per level
+                valid = mask.bool().reshape(-1)  # (B * L,)
+                for k, h in enumerate(hidden):  # keep the valid tokens, row-major
+                    parts[k].append(h.float().reshape(-1, h.shape[-1])[valid].cpu())
+                means.append(mean_words(hidden[-1].float(), mask.sum(dim=1)).cpu())  # (B, H)
+                for row, length in enumerate(mask.sum(dim=1).tolist()):
+                    self._rows[tuple(ids[row, :length].tolist())] = offset
+                    offset += length
+        backbone.train(was_training)
+        zero = self.levels[0][-1:]  # (1, H)
+        self.levels = [torch.cat([*p, zero]) for p in parts]  # (T + 1, H) each
+        self.pad_row = offset
+        first = len(self._mean_row)
+        self._mean_row.update((c, first + i) for i, c in enumerate(distinct))
+        self._means = torch.cat(means)  # (C, H)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.levels)
+
+    def mean_states(self, captions: list[str]) -> Tensor:
+        """The top level's hidden states of each caption averaged over its tokens:
+        ``(len(captions), H)`` on the CPU."""
+        try:
+            rows = [self._mean_row[c] for c in captions]
+        except KeyError as err:
+            raise KeyError("a caption outside the text cache (train.cache_text)") from err
+        return self._means[rows]
+
+    def covers(self, input_ids: Tensor, attention_mask: Tensor) -> bool:
+        """Whether every caption of the ``(B, L)`` batch is in the cache."""
+        lengths = attention_mask.sum(dim=1).tolist()
+        return all(tuple(ids[:n].tolist()) in self._rows for ids, n in zip(input_ids, lengths))
+
+    def lookup(self, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
+        """``(B, L)`` token ids and mask of cached captions -> one ``(B, L, H)``
+        hidden-state tensor per level on the cache's device."""
+        lengths = attention_mask.sum(dim=1).tolist()
+        try:
+            starts = [self._rows[tuple(ids[:n].tolist())] for ids, n in zip(input_ids, lengths)]
+        except KeyError as err:
+            raise KeyError("a caption outside the text cache (train.cache_text)") from err
+        positions = torch.arange(input_ids.shape[1])  # (L,)
+        index = torch.tensor(starts)[:, None] + positions[None, :]  # (B, L)
+        index = torch.where(attention_mask.cpu().bool(), index, self.pad_row)  # (B, L)
+        return [level[index].to(self.device) for level in self.levels]
 
 
 def load_any_model(source: str | os.PathLike | HAT) -> HAT:

@@ -40,7 +40,6 @@ from tqdm.auto import tqdm
 
 from hat import distributed
 from hat._optional import needs_extra
-from hat.align import mean_words
 from hat.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -70,7 +69,7 @@ from hat.data import (
     load_records,
     select_split,
 )
-from hat.encoder import Encoder
+from hat.encoder import Encoder, TextCache
 from hat.evaluate import EvalReport, evaluate
 from hat.losses import global_batch_scores, info_nce_loss, positive_mask, triplet_loss
 from hat.metrics import chance_metrics
@@ -317,78 +316,6 @@ class TrainState:
     threads: int = 0
 
 
-class TextCache:
-    """Hidden states of a FROZEN text backbone, computed once per distinct caption.
-
-    ``train.cache_text``: the backbone runs once over every training caption in eval
-    mode (no dropout) and keeps, per level, each caption's ``(L_c, H)`` hidden states
-    packed one after another in float32; :meth:`lookup` gives a batch's states padded
-    as the tokenizer padded the batch. The projections on top still train, so
-    :meth:`HAT.encode_text_hidden` of a lookup equals :meth:`HAT.encode_text` of an
-    eval-mode backbone, to float rounding (padding positions differ, and never count).
-    """
-
-    def __init__(self, encoder: Encoder, captions: list[str], batch_size: int) -> None:
-        # Batches of captions of one length: no padding to compute through.
-        model, device = encoder.model, encoder.device
-        distinct = sorted(set(captions))
-        lengths = encoder.tokenizer(distinct)["attention_mask"].sum(dim=1).tolist()
-        distinct = [c for _, c in sorted(zip(lengths, distinct))]
-        backbone = model.text_tower.encoder
-        was_training = backbone.training
-        backbone.eval()
-        self._rows: dict[tuple[int, ...], int] = {}
-        parts: list[list[Tensor]] = [[] for _ in model.config.levels]
-        means: list[Tensor] = []
-        offset = 0
-        with torch.no_grad():
-            for ids, mask in encoder.caption_batches(distinct, batch_size):
-                hidden = model.text_tower.layer_tokens(ids, mask)  # (B, L, H) per level
-                valid = mask.bool().reshape(-1)  # (B * L,)
-                for k, h in enumerate(hidden):  # keep the valid tokens, row-major
-                    parts[k].append(h.float().reshape(-1, h.shape[-1])[valid].cpu())
-                means.append(mean_words(hidden[-1].float(), mask.sum(dim=1)).cpu())  # (B, H)
-                for row, length in enumerate(mask.sum(dim=1).tolist()):
-                    self._rows[tuple(ids[row, :length].tolist())] = offset
-                    offset += length
-        backbone.train(was_training)
-        width = parts[0][0].shape[1]
-        zero = torch.zeros(1, width)  # the row that padding positions read
-        self.levels = [torch.cat([*p, zero]) for p in parts]  # (T + 1, H) each
-        self.pad_row = offset
-        self.device = device
-        self._means = torch.cat(means)  # (distinct captions, H)
-        self._mean_row = {c: i for i, c in enumerate(distinct)}
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.levels)
-
-    def mean_states(self, captions: list[str]) -> Tensor:
-        """The top level's hidden states of each training caption averaged over its
-        tokens: ``(len(captions), H)`` on the CPU."""
-        try:
-            rows = [self._mean_row[c] for c in captions]
-        except KeyError as err:
-            raise KeyError("a caption outside the text cache (train.cache_text)") from err
-        return self._means[rows]
-
-    def lookup(self, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
-        """``(B, L)`` token ids and mask of training captions -> one ``(B, L, H)``
-        hidden-state tensor per level on the cache's device."""
-        lengths = attention_mask.sum(dim=1).tolist()
-        try:
-            starts = [self._rows[tuple(ids[:n].tolist())] for ids, n in zip(input_ids, lengths)]
-        except KeyError as err:
-            raise KeyError("a caption outside the text cache (train.cache_text)") from err
-        positions = torch.arange(input_ids.shape[1])  # (L,)
-        index = torch.tensor(starts)[:, None] + positions[None, :]  # (B, L)
-        index = torch.where(attention_mask.cpu().bool(), index, self.pad_row)  # (B, L)
-        return [level[index].to(self.device) for level in self.levels]
-
-
 class TrainingObjective(nn.Module):
     """The training loss of one batch as ONE forward pass: the unit that
     ``DistributedDataParallel`` wraps, so that it synchronises the gradients of
@@ -624,12 +551,13 @@ class Trainer:
         self.amp_dtype = getattr(torch, cfg.train.amp_dtype)
         use_scaler = self.amp and self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
-        text_cache = self._text_cache()
+        self.text_cache = self._text_cache()
+        self.encoder.use_text_cache(self.text_cache)  # validation reads it too
         self.objective = TrainingObjective(
             self.model, cfg.train, self.device.type, self.amp, self.amp_dtype,
-            text_cache=text_cache,
+            text_cache=self.text_cache,
         )  # fmt: skip
-        self.neighbours = self._neighbour_groups(items, text_cache)
+        self.neighbours = self._neighbour_groups(items, self.text_cache)
         self.optimizer, self.scheduler = build_optimizer(
             [*self.model.parameters(), self.objective.log_temperature], cfg.train,
             self.steps_per_epoch(),
@@ -652,8 +580,8 @@ class Trainer:
         return threads
 
     def _text_cache(self) -> TextCache | None:
-        """The frozen text backbone's hidden states of every training caption
-        (``train.cache_text``), or ``None``."""
+        """The frozen text backbone's hidden states of every training and validation
+        caption (``train.cache_text``), or ``None``."""
         t = self.cfg.train
         if not t.cache_text:
             return None
@@ -666,6 +594,8 @@ class Trainer:
         start = time.perf_counter()
         captions = [c for r in self.train_records for c in r.captions]
         cache = TextCache(self.encoder, captions, t.eval_batch_size)
+        cache.extend(self.encoder, [c for r in self.val_records for c in r.captions],
+                     t.eval_batch_size)  # fmt: skip
         log.info(
             "text cache: %d captions, %.1f MiB, %.1f s",
             len(cache), cache.nbytes() / 2**20, time.perf_counter() - start,
