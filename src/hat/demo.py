@@ -17,7 +17,7 @@ from pathlib import Path
 from hat.checkpoint import resolve_model, save_model
 from hat.config import ExperimentConfig, get_preset
 from hat.data import ImageRecord, generate_scenes, load_records, select_split
-from hat.encoder import Encoder
+from hat.encoder import Encoder, TextCache
 from hat.evaluate import evaluate, format_report
 from hat.global_heads import fit_global_heads
 from hat.index import Index
@@ -48,6 +48,14 @@ def write_captions(path: str | Path, records: Sequence[ImageRecord]) -> Path:
     return path
 
 
+def _train(cfg: ExperimentConfig, run: Path, resume: bool) -> TextCache | None:
+    """Train (or finish training) the run; return its text cache, letting go of the rest
+    of the trainer (model, optimiser, decoded images)."""
+    trainer = Trainer(cfg, run, resume=resume)
+    trainer.fit()
+    return trainer.text_cache
+
+
 def run_demo(out: str | Path, cfg: ExperimentConfig | None = None) -> dict:
     """Run the whole demo under ``out`` with ``cfg`` (default: the ``cpu`` preset; its
     data, where it names none, are the scenes generated in ``out``, its ``device`` the
@@ -71,19 +79,20 @@ def run_demo(out: str | Path, cfg: ExperimentConfig | None = None) -> dict:
         f"[2/{STEPS}] training the {cfg.model.name} preset in {run}"
         + (" (resuming)" if resume else "")
     )
-    trainer = Trainer(cfg, run, resume=resume)
-    trainer.fit()  # on cfg.device
+    text_cache = _train(cfg, run, resume)  # on cfg.device
 
     encoder = Encoder(resolve_model(run, "best"), dev)
-    # The frozen text backbone's states of the training captions, computed once for
-    # training: fitting the global heads reads them instead of running it again.
-    encoder.use_text_cache(trainer.text_cache)
     records = load_records(cfg.data)
     train = select_split(records, "train")
     # The heads trained beside the towers shortlist worse than heads fitted to the final
     # towers (README, "Two-stage retrieval"): what the index's two-stage search uses.
     print(f"[3/{STEPS}] fitting the global heads on the {len(train)} training images")
+    # The frozen text backbone's states of the training captions, computed once for
+    # training: the fit reads them instead of running the backbone again.
+    encoder.use_text_cache(text_cache)
     fit_global_heads(encoder, train, cfg.fit, progress=False)
+    encoder.use_text_cache(None)
+    del text_cache  # hundreds of MiB of caption states, of no use to the steps below
     save_model(encoder.model, out / "model", tokenizer=encoder.tokenizer.tokenizer)
     test = select_split(records, "test")
     print(f"[4/{STEPS}] evaluating on the test split ({len(test)} images)")

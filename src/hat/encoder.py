@@ -278,60 +278,58 @@ class TextCache:
     fitting the global heads after training.
     """
 
-    def __init__(self, encoder: Encoder, captions: Sequence[str], batch_size: int) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        captions: Sequence[str],
+        batch_size: int,
+        extra: Sequence[str] = (),
+    ) -> None:
+        """``extra`` (validation's captions) are encoded after ``captions``, in batches
+        of their own, so that adding them changes none of the states ``captions`` get."""
         from hat.checkpoint import module_fingerprint
 
         model = encoder.model
-        self.backbone_digest = module_fingerprint(model.text_tower.encoder)
+        backbone = model.text_tower.encoder
+        self.backbone_digest = module_fingerprint(backbone)
         self.device = encoder.device
+        # Each group's distinct captions by length: batches of one length, no padding to
+        # compute through.
+        groups: list[list[str]] = []
+        total = 0  # tokens of every distinct caption
+        seen: set[str] = set()
+        for group in (captions, extra):
+            distinct = sorted(set(group) - seen)
+            seen.update(distinct)
+            if distinct:
+                lengths = encoder.tokenizer(distinct)["attention_mask"].sum(dim=1).tolist()
+                groups.append([c for _, c in sorted(zip(lengths, distinct))])
+                total += sum(lengths)
+        width = backbone.config.hidden_size
+        # Filled in place: the last row stays zero, what padding positions read.
+        self.levels = [torch.zeros(total + 1, width) for _ in model.config.levels]  # (T + 1, H)
+        self.pad_row = total
+        self._means = torch.zeros(len(seen), width)  # (distinct captions, H)
+        self._mean_row = {c: i for i, c in enumerate(c for g in groups for c in g)}
         self._rows: dict[tuple[int, ...], int] = {}  # token ids -> first row in levels
-        self._mean_row: dict[str, int] = {}  # caption -> row in _means
-        self._means = torch.zeros(0, model.text_tower.encoder.config.hidden_size)  # (C, H)
-        width = self._means.shape[1]
-        self.levels = [torch.zeros(1, width) for _ in model.config.levels]  # (T + 1, H) each
-        self.pad_row = 0  # the last row, all zeros: what padding positions read
-        self.extend(encoder, captions, batch_size)
-
-    def extend(self, encoder: Encoder, captions: Sequence[str], batch_size: int) -> None:
-        """Add the states of the ``captions`` not held yet; the rows already held stay
-        as they are (so adding validation captions changes nothing training reads).
-
-        Raises:
-            ValueError: ``encoder``'s text backbone has other weights than the cache's.
-        """
-        from hat.checkpoint import module_fingerprint
-
-        backbone = encoder.model.text_tower.encoder
-        if module_fingerprint(backbone) != self.backbone_digest:
-            raise ValueError("the text cache was computed by a text backbone with other weights")
-        # Batches of captions of one length: no padding to compute through.
-        distinct = sorted(set(captions) - self._mean_row.keys())
-        if not distinct:
-            return
-        lengths = encoder.tokenizer(distinct)["attention_mask"].sum(dim=1).tolist()
-        distinct = [c for _, c in sorted(zip(lengths, distinct))]
+        offset, first = 0, 0
         was_training = backbone.training
         backbone.eval()
-        parts: list[list[Tensor]] = [[level[:-1]] for level in self.levels]  # held rows
-        means = [self._means]
-        offset = self.pad_row
         with torch.no_grad():
-            for ids, mask in encoder.caption_batches(distinct, batch_size):
-                hidden = encoder.model.text_tower.layer_tokens(ids, mask)  # (B, L, H) per level
-                valid = mask.bool().reshape(-1)  # (B * L,)
-                for k, h in enumerate(hidden):  # keep the valid tokens, row-major
-                    parts[k].append(h.float().reshape(-1, h.shape[-1])[valid].cpu())
-                means.append(mean_words(hidden[-1].float(), mask.sum(dim=1)).cpu())  # (B, H)
-                for row, length in enumerate(mask.sum(dim=1).tolist()):
-                    self._rows[tuple(ids[row, :length].tolist())] = offset
-                    offset += length
+            for group in groups:
+                for ids, mask in encoder.caption_batches(group, batch_size):
+                    hidden = model.text_tower.layer_tokens(ids, mask)  # (B, L, H) per level
+                    valid = mask.bool().reshape(-1)  # (B * L,)
+                    tokens = int(valid.sum())
+                    for level, h in zip(self.levels, hidden):  # the valid tokens, row-major
+                        level[offset : offset + tokens] = h.float().reshape(-1, width)[valid]
+                    lengths = mask.sum(dim=1)  # (B,)
+                    self._means[first : first + len(ids)] = mean_words(hidden[-1].float(), lengths)
+                    for row, length in enumerate(lengths.tolist()):
+                        self._rows[tuple(ids[row, :length].tolist())] = offset
+                        offset += length
+                    first += len(ids)
         backbone.train(was_training)
-        zero = self.levels[0][-1:]  # (1, H)
-        self.levels = [torch.cat([*p, zero]) for p in parts]  # (T + 1, H) each
-        self.pad_row = offset
-        first = len(self._mean_row)
-        self._mean_row.update((c, first + i) for i, c in enumerate(distinct))
-        self._means = torch.cat(means)  # (C, H)
 
     def __len__(self) -> int:
         return len(self._rows)

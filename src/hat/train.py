@@ -593,9 +593,8 @@ class Trainer:
             )
         start = time.perf_counter()
         captions = [c for r in self.train_records for c in r.captions]
-        cache = TextCache(self.encoder, captions, t.eval_batch_size)
-        cache.extend(self.encoder, [c for r in self.val_records for c in r.captions],
-                     t.eval_batch_size)  # fmt: skip
+        val = [c for r in self.val_records for c in r.captions]
+        cache = TextCache(self.encoder, captions, t.eval_batch_size, extra=val)
         log.info(
             "text cache: %d captions, %.1f MiB, %.1f s",
             len(cache), cache.nbytes() / 2**20, time.perf_counter() - start,
