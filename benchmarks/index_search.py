@@ -1,6 +1,7 @@
 """Index build throughput, index size, and text-query latency (two-stage and exhaustive).
 
     .venv/bin/python benchmarks/index_search.py [--model runs/demo/model] [--large 100000]
+        [--token-codecs pq]
 
 1. Real pipeline at 1K images: generated scenes are indexed with the model (the
    demo's by default; ``make demo`` first, else a random-weight ``cpu`` preset model,
@@ -55,8 +56,10 @@ def query_latency(index: Index, queries: list[str], exhaustive: bool) -> list[fl
 
 
 def level_bytes(root: Path, levels: int) -> list[int]:
+    """Bytes of each level's image token files: ``levelK.npy`` (float16) or, once its
+    codec is trained, ``levelK.codes.npy``."""
     return [
-        sum(f.stat().st_size for f in (root / "segments").glob(f"image-*/level{k + 1}.npy"))
+        sum(f.stat().st_size for f in (root / "segments").glob(f"image-*/level{k + 1}.*npy"))
         for k in range(levels)
     ]
 
@@ -76,9 +79,10 @@ def small_collection(work: Path, model_dir: Path, cfg: IndexConfig) -> list[str]
         sizes = level_bytes(root, len(index.store.manifest.tokens))
         print(f"\n== {n} images, real pipeline (decode + encode + write), batch {cfg.batch_size}")
         print(f"build: {took:.1f} s = {n / took:.1f} images/s")
-        for k, (size, tokens) in enumerate(zip(sizes, index.store.manifest.tokens)):
-            print(f"level {k + 1}: {tokens:4d} tokens x {index.store.manifest.embed_dim} "
-                  f"x fp16 = {size / n / 1024:.1f} KiB per image")  # fmt: skip
+        manifest = index.store.manifest
+        for k, (size, tokens) in enumerate(zip(sizes, manifest.tokens)):
+            print(f"level {k + 1}: {tokens:4d} tokens x {manifest.embed_dim} "
+                  f"({manifest.codecs[k]}) = {size / n / 1024:.2f} KiB per image")  # fmt: skip
         total = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
         print(f"whole index: {total / n / 1024:.1f} KiB per image")
         print("two-stage  ", percentiles(query_latency(index, queries, exhaustive=False)))
@@ -108,14 +112,14 @@ def large_collection(work: Path, model_dir: Path, cfg: IndexConfig, n: int, quer
                     for i in range(count)
                 ]  # fmt: skip
                 index.store.commit_images(rows, SegmentArrays(levels, glob))
-            index._rebuild_faiss("image")
+            index.builder.rebuild_faiss("image")
         took = time.perf_counter() - start
         kind = type(index.gallery("image").faiss).__name__
         sizes = level_bytes(root, len(manifest.tokens))
         print(
             f"\n== {n} images, synthetic features (write only: {took:.1f} s); global index {kind}"
         )
-        print("bytes per image per level: " + ", ".join(f"{s / n / 1024:.1f} KiB" for s in sizes))
+        print("bytes per image per level: " + ", ".join(f"{s / n / 1024:.2f} KiB" for s in sizes))
         print("two-stage  ", percentiles(query_latency(index, queries, exhaustive=False)))
         few = queries[:EXHAUSTIVE_QUERIES_LARGE]
         print("exhaustive ", percentiles(query_latency(index, few, exhaustive=True)))
@@ -124,9 +128,13 @@ def large_collection(work: Path, model_dir: Path, cfg: IndexConfig, n: int, quer
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="runs/demo/model")
-    parser.add_argument("--large", type=int, default=100_000)
+    parser.add_argument("--large", type=int, default=100_000, help="0: the 1K part only")
     parser.add_argument("--batch-size", type=int, default=IndexConfig.batch_size)
     parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument(
+        "--token-codecs", nargs="+", default=list(IndexConfig.token_codecs),
+        help="one codec for every level, or one per level (index.token_codecs)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     print(f"torch threads: {torch.get_num_threads()}")
@@ -137,9 +145,14 @@ def main() -> None:
             print(f"{model_dir} not found: using a random-weight cpu-preset model (same cost)")
             model_dir = work / "model"
             save_model(hat.create_model("cpu"), model_dir)
-        cfg = IndexConfig(batch_size=args.batch_size, num_workers=args.num_workers)
+        cfg = IndexConfig(
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            token_codecs=tuple(args.token_codecs),
+        )
         queries = small_collection(work, model_dir, cfg)
-        large_collection(work, model_dir, cfg, args.large, queries)
+        if args.large:
+            large_collection(work, model_dir, cfg, args.large, queries)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
