@@ -64,9 +64,9 @@ def level_bytes(root: Path, levels: int) -> list[int]:
     ]
 
 
-def small_collection(work: Path, model_dir: Path, cfg: IndexConfig) -> list[str]:
+def small_collection(work: Path, model_dir: Path, cfg: IndexConfig, images: int) -> list[str]:
     data = work / "scenes"
-    generate_scenes(data, n_train=SMALL - 6, n_val=3, n_test=3, image_size=SCENE_SIZE)
+    generate_scenes(data, n_train=images - 6, n_val=3, n_test=3, image_size=SCENE_SIZE)
     dataset = json.loads((data / "dataset_synth.json").read_text())
     queries = [img["sentences"][0]["raw"] for img in dataset["images"][:QUERIES]]
     root = work / "index-1k"
@@ -128,7 +128,8 @@ def large_collection(work: Path, model_dir: Path, cfg: IndexConfig, n: int, quer
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="runs/demo/model")
-    parser.add_argument("--large", type=int, default=100_000, help="0: the 1K part only")
+    parser.add_argument("--images", type=int, default=SMALL, help="of the real pipeline")
+    parser.add_argument("--large", type=int, default=100_000, help="0: the real part only")
     parser.add_argument("--batch-size", type=int, default=IndexConfig.batch_size)
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument(
@@ -150,7 +151,7 @@ def main() -> None:
             num_workers=args.num_workers,
             token_codecs=tuple(args.token_codecs),
         )
-        queries = small_collection(work, model_dir, cfg)
+        queries = small_collection(work, model_dir, cfg, args.images)
         if args.large:
             large_collection(work, model_dir, cfg, args.large, queries)
     finally:
