@@ -87,8 +87,9 @@ class Encoder:
         states of each level's layer, from the text cache when it holds every caption of
         the batch, else computed."""
         cache = self._text_cache
-        if cache is not None and cache.covers(input_ids, attention_mask):
-            return [h.to(self.device) for h in cache.lookup(input_ids, attention_mask)]
+        cached = None if cache is None else cache.get(input_ids, attention_mask)
+        if cached is not None:
+            return [h.to(self.device) for h in cached]
         return self.model.text_tower.layer_tokens(input_ids, attention_mask)
 
     @classmethod
@@ -346,23 +347,29 @@ class TextCache:
             raise KeyError("a caption outside the text cache (train.cache_text)") from err
         return self._means[rows]
 
-    def covers(self, input_ids: Tensor, attention_mask: Tensor) -> bool:
-        """Whether every caption of the ``(B, L)`` batch is in the cache."""
+    def get(self, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor] | None:
+        """``(B, L)`` token ids and mask -> one ``(B, L, H)`` hidden-state tensor per
+        level on the cache's device, or ``None`` when a caption of the batch is not in
+        the cache."""
         lengths = attention_mask.sum(dim=1).tolist()
-        return all(tuple(ids[:n].tolist()) in self._rows for ids, n in zip(input_ids, lengths))
-
-    def lookup(self, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
-        """``(B, L)`` token ids and mask of cached captions -> one ``(B, L, H)``
-        hidden-state tensor per level on the cache's device."""
-        lengths = attention_mask.sum(dim=1).tolist()
-        try:
-            starts = [self._rows[tuple(ids[:n].tolist())] for ids, n in zip(input_ids, lengths)]
-        except KeyError as err:
-            raise KeyError("a caption outside the text cache (train.cache_text)") from err
+        starts = [self._rows.get(tuple(ids[:n].tolist())) for ids, n in zip(input_ids, lengths)]
+        if None in starts:
+            return None
         positions = torch.arange(input_ids.shape[1])  # (L,)
         index = torch.tensor(starts)[:, None] + positions[None, :]  # (B, L)
         index = torch.where(attention_mask.cpu().bool(), index, self.pad_row)  # (B, L)
         return [level[index].to(self.device) for level in self.levels]
+
+    def lookup(self, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
+        """:meth:`get` of a batch of cached captions.
+
+        Raises:
+            KeyError: a caption of the batch is not in the cache.
+        """
+        hidden = self.get(input_ids, attention_mask)
+        if hidden is None:
+            raise KeyError("a caption outside the text cache (train.cache_text)")
+        return hidden
 
 
 def load_any_model(source: str | os.PathLike | HAT) -> HAT:
