@@ -32,7 +32,7 @@ def _run(script: str, *args: str) -> str:
     [
         ("eval_memory.py", ["--images", "20", "--captions-total", "100", "--captions", "10"],
          "peak"),
-        ("index_verify.py", ["--gb", "0.01", "--repeats", "1"], "verify"),
+        ("index_verify.py", ["--gb", "0.01", "--repeats", "1", "--out", "{tmp}"], "verify"),
         ("scorer.py", ["--images", "4", "--captions", "8", "--loop-captions", "2",
                        "--repeat", "1", "--threads", "1"], "level"),
         ("token_codec.py", ["--images", "16", "--captions", "8"], "| pq |"),
@@ -42,9 +42,8 @@ def _run(script: str, *args: str) -> str:
     ],
 )  # fmt: skip
 def test_benchmark_runs(script: str, args: list[str], printed: str, tmp_path) -> None:
-    if script == "index_verify.py":
-        args = [*args, "--out", str(tmp_path / "verify")]
-    assert printed in _run(script, *args)
+    """``{tmp}`` in an argument: a folder of the test's own."""
+    assert printed in _run(script, *(a.replace("{tmp}", str(tmp_path / "out")) for a in args))
 
 
 def test_index_search_benchmark_runs_and_counts_every_level(tmp_path) -> None:
